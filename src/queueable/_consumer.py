@@ -1,0 +1,345 @@
+"""What happens to one message: decode, look up the listener, resolve the service, invoke, decide.
+
+This is the single decision function shared by every transport (the RabbitMQ consumer and the in-memory
+transport), so they cannot disagree. It never acks or publishes; it returns an :data:`Outcome` and the transport
+makes it durable:
+
+- :class:`Handled`: the listener succeeded; ack.
+- :class:`RetryLater`: publish ``message`` (same id, attempt + 1) after ``delay`` seconds, *then* ack.
+- :class:`DeadLetter`: publish ``message`` (original body and headers plus the error) to the dead-letter
+  queue, *then* ack.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from queueable import _wire
+from queueable._dispatcher import call_listener, correlation_id
+from queueable._events import event_name, event_version, find_event_class
+from queueable.errors import ConfigurationError, Reject, Retry, UnknownServiceError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pydantic import BaseModel
+
+    from queueable._provider import Listener, ListenerProvider
+    from queueable.abc import Container
+
+__all__ = [
+    "DEAD_SUFFIX",
+    "DeadLetter",
+    "DeadReason",
+    "Handled",
+    "Outcome",
+    "Processor",
+    "RetryLater",
+    "dead_letter_queue_for",
+    "original_queue_of",
+    "replay_message",
+]
+
+DEAD_SUFFIX = ".dead"
+MAX_ERROR_MESSAGE = 2_000
+MAX_TRACEBACK = 8_000
+DEFAULT_MAX_BODY_SIZE = 1_048_576  # 1 MiB
+_MAX_CACHED_CLASSES = 10_000
+
+
+def dead_letter_queue_for(queue: str) -> str:
+    """The dead-letter queue of work queue ``queue``."""
+    return queue + DEAD_SUFFIX
+
+
+class DeadReason(enum.StrEnum):
+    """Why a message is in the dead-letter queue (header ``x-queueable-dead-reason``)."""
+
+    RETRIES_EXHAUSTED = "retries_exhausted"  # the listener failed max_attempts times
+    NON_RETRYABLE = "non_retryable"  # the listener raised an exception its policy never retries
+    REJECTED = "rejected"  # the listener raised queueable.Reject
+    NOT_UTF8 = "not_utf8"
+    NOT_JSON = "not_json"
+    SCHEMA = "schema"  # valid JSON that fails the event model's validation
+    MISSING_LISTENER = "missing_listener"  # no x-queueable-listener header
+    UNKNOWN_LISTENER = "unknown_listener"  # a listener id this application did not register as queued
+    UNKNOWN_EVENT = "unknown_event"  # an event name the listener's type does not cover
+    UNSUPPORTED_VERSION = "unsupported_version"  # a newer schema version than this worker knows
+    OVERSIZED = "oversized"
+    CONTENT_TYPE = "content_type"
+    DELIVERY_LIMIT = "delivery_limit"  # the broker gave up redelivering it (the worker kept dying on it)
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """The listener ran without error: ack the message."""
+
+    listener_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """Publish ``message`` again after ``delay`` seconds; ack the original once that copy is durable."""
+
+    delay: float
+    message: _wire.OutgoingMessage
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Publish ``message`` to its dead-letter queue; ack the original once that copy is durable."""
+
+    reason: DeadReason
+    message: _wire.OutgoingMessage
+    error: str
+
+
+Outcome = Handled | RetryLater | DeadLetter
+
+
+class _BadInput(Exception):  # noqa: N818 - internal control flow
+    def __init__(self, reason: DeadReason, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(detail)
+
+
+class Processor:
+    """Turns an :class:`~queueable._wire.IncomingMessage` into an :data:`Outcome`.
+
+    Only listeners registered as queued in ``provider`` can be invoked: the listener id in a message is looked
+    up in that allow-list, and the event name is resolved only among subclasses of that listener's event type.
+    """
+
+    def __init__(
+        self,
+        provider: ListenerProvider,
+        container: Container | None = None,
+        *,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        clock: Callable[[], float] = time.time,
+        hostname: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        self.provider = provider
+        self.container = container if container is not None else provider.container
+        self.max_body_size = max_body_size
+        self.clock = clock
+        self.hostname = hostname or socket.gethostname()
+        self.pid = pid if pid is not None else os.getpid()
+        self._classes: dict[tuple[type, str], type[BaseModel] | None] = {}
+
+    async def process(self, message: _wire.IncomingMessage) -> Outcome:
+        """Decide and run: the listener is invoked at most once per call."""
+        try:
+            entry, event = self._decode(message)
+        except _BadInput as bad:
+            return self._dead(message, bad.reason, error_type="BadMessage", error=bad.detail, exc=None)
+        token = correlation_id.set(message.correlation_id)
+        try:
+            await call_listener(entry, event, self.container)
+        except Exception as exc:
+            return self._failed(message, entry, exc)
+        finally:
+            correlation_id.reset(token)
+        return Handled(entry.id)
+
+    # -- decoding ----------------------------------------------------------------------------------
+
+    def _decode(self, message: _wire.IncomingMessage) -> tuple[Listener, BaseModel]:
+        content_type = (message.content_type or "").split(";", 1)[0].strip().lower()
+        if content_type not in {"", _wire.CONTENT_TYPE}:
+            msg = f"content type {message.content_type!r} is not {_wire.CONTENT_TYPE}"
+            raise _BadInput(DeadReason.CONTENT_TYPE, msg)
+        if len(message.body) > self.max_body_size:
+            msg = f"body of {len(message.body)} bytes exceeds the limit of {self.max_body_size}"
+            raise _BadInput(DeadReason.OVERSIZED, msg)
+        listener_id = _text(message.header(_wire.H_LISTENER))
+        if not listener_id:
+            msg = f"no {_wire.H_LISTENER} header: cannot tell which listener the message is for"
+            raise _BadInput(DeadReason.MISSING_LISTENER, msg)
+        candidates = self.provider.queued(listener_id)
+        if not candidates:
+            msg = f"listener {listener_id!r} is not registered as a queued listener in this application"
+            raise _BadInput(DeadReason.UNKNOWN_LISTENER, msg)
+        entry, cls = self._event_class(candidates, _text(message.header(_wire.H_EVENT)))
+        version = _int(message.header(_wire.H_VERSION), default=1)
+        if version > event_version(cls):
+            msg = (
+                f"event {event_name(cls)!r} version {version} is newer than this worker's version "
+                f"{event_version(cls)}: deploy the new code, then replay"
+            )
+            raise _BadInput(DeadReason.UNSUPPORTED_VERSION, msg)
+        try:
+            text = message.body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            msg = f"body is not UTF-8: {exc}"
+            raise _BadInput(DeadReason.NOT_UTF8, msg) from None
+        try:
+            event = cls.model_validate_json(text)
+        except ValidationError as exc:
+            if any(error["type"] == "json_invalid" for error in exc.errors()):
+                msg = f"body is not JSON: {exc.errors()[0]['msg']}"
+                raise _BadInput(DeadReason.NOT_JSON, msg) from None
+            msg = f"body does not match {event_name(cls)!r} v{event_version(cls)}: {exc}"
+            raise _BadInput(DeadReason.SCHEMA, _bounded(msg, MAX_ERROR_MESSAGE)) from None
+        return entry, event
+
+    def _event_class(
+        self, candidates: tuple[Listener, ...], name: str | None
+    ) -> tuple[Listener, type[BaseModel]]:
+        for entry in candidates:
+            base = entry.event_type
+            if name is None:
+                # A producer that sent only the listener header: the listener's own (concrete) type.
+                return entry, base
+            key = (base, name)
+            try:
+                cls = self._classes[key]
+            except KeyError:
+                try:
+                    cls = find_event_class(base, name)
+                except ConfigurationError as exc:
+                    raise _BadInput(DeadReason.UNKNOWN_EVENT, str(exc)) from None
+                if len(self._classes) < _MAX_CACHED_CLASSES:  # bounded: unknown names come from outside
+                    self._classes[key] = cls
+            if cls is not None:
+                return entry, cls
+        msg = f"event {name!r} is not a type that listener {candidates[0].id!r} listens to"
+        raise _BadInput(DeadReason.UNKNOWN_EVENT, msg)
+
+    # -- outcomes ----------------------------------------------------------------------------------
+
+    def _failed(self, message: _wire.IncomingMessage, entry: Listener, exc: Exception) -> Outcome:
+        attempt = max(_int(message.header(_wire.H_ATTEMPT), default=1), 1)
+        error_type = _qualified(type(exc))
+        if isinstance(exc, Reject):
+            return self._dead(message, DeadReason.REJECTED, error_type, exc.reason, exc)
+        if isinstance(exc, UnknownServiceError) or not entry.retry.is_retryable(exc):
+            return self._dead(message, DeadReason.NON_RETRYABLE, error_type, _describe(exc), exc)
+        if attempt >= entry.retry.max_attempts:
+            return self._dead(message, DeadReason.RETRIES_EXHAUSTED, error_type, _describe(exc), exc)
+        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
+        if delay is None:
+            delay = entry.retry.delay_for(attempt)
+        now = _wire.iso_now(self.clock())
+        headers = dict(message.headers)
+        headers[_wire.H_ATTEMPT] = attempt + 1
+        headers.setdefault(_wire.H_FIRST_FAILURE, now)
+        headers[_wire.H_LAST_FAILURE] = now
+        headers[_wire.H_ERROR_TYPE] = error_type
+        headers[_wire.H_ERROR_MESSAGE] = _bounded(_describe(exc), MAX_ERROR_MESSAGE)
+        return RetryLater(delay, message.to_outgoing(message.queue, headers), _describe(exc))
+
+    def _dead(
+        self,
+        message: _wire.IncomingMessage,
+        reason: DeadReason,
+        error_type: str,
+        error: str,
+        exc: BaseException | None,
+    ) -> DeadLetter:
+        now = _wire.iso_now(self.clock())
+        headers = dict(message.headers)
+        headers.setdefault(_wire.H_FIRST_FAILURE, now)
+        headers.update(
+            {
+                _wire.H_DEAD_REASON: str(reason),
+                _wire.H_ERROR_TYPE: error_type,
+                _wire.H_ERROR_MESSAGE: _bounded(error, MAX_ERROR_MESSAGE),
+                _wire.H_LAST_FAILURE: now,
+                _wire.H_DEAD_AT: now,
+                _wire.H_ORIGINAL_QUEUE: message.queue,
+                _wire.H_CONSUMER_HOST: self.hostname,
+                _wire.H_CONSUMER_PID: self.pid,
+            }
+        )
+        headers.setdefault(_wire.H_ATTEMPT, 1)
+        if exc is not None:
+            formatted = "".join(traceback.format_exception(exc))
+            headers[_wire.H_ERROR_TRACEBACK] = _bounded(formatted, MAX_TRACEBACK, keep="end")
+        out = message.to_outgoing(dead_letter_queue_for(message.queue), headers)
+        return DeadLetter(reason, out, error)
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def _int(value: Any, *, default: int) -> int:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (str, bytes)):
+        try:
+            return int(value)
+        except ValueError:
+            return default
+    return default
+
+
+def _qualified(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, TimeoutError) and not text:
+        return "listener timed out"
+    return text or type(exc).__qualname__
+
+
+def _bounded(text: str, limit: int, *, keep: str = "start") -> str:
+    if len(text) <= limit:
+        return text
+    marker = " …[truncated]… "
+    if keep == "end":
+        return marker + text[-(limit - len(marker)) :]
+    return text[: limit - len(marker)] + marker
+
+
+_FAILURE_HEADERS = (
+    _wire.H_DEAD_REASON,
+    _wire.H_ERROR_TYPE,
+    _wire.H_ERROR_MESSAGE,
+    _wire.H_ERROR_TRACEBACK,
+    _wire.H_FIRST_FAILURE,
+    _wire.H_LAST_FAILURE,
+    _wire.H_DEAD_AT,
+    _wire.H_ORIGINAL_QUEUE,
+    _wire.H_CONSUMER_HOST,
+    _wire.H_CONSUMER_PID,
+)
+
+
+def replay_message(dead: _wire.IncomingMessage) -> _wire.OutgoingMessage:
+    """The copy of a dead letter that goes back to its work queue: attempt 1, failure headers gone,
+    ``x-queueable-replays`` incremented. Same body, message id and correlation id.
+    """
+    headers = {k: v for k, v in dead.headers.items() if k not in _FAILURE_HEADERS and k != "x-death"}
+    headers[_wire.H_ATTEMPT] = 1
+    headers[_wire.H_REPLAYS] = _int(dead.header(_wire.H_REPLAYS), default=0) + 1
+    return dead.to_outgoing(original_queue_of(dead), headers)
+
+
+def original_queue_of(dead: _wire.IncomingMessage) -> str:
+    """The work queue a dead letter came from."""
+    original = _text(dead.header(_wire.H_ORIGINAL_QUEUE))
+    if original:
+        return original
+    if dead.queue.endswith(DEAD_SUFFIX):
+        return dead.queue[: -len(DEAD_SUFFIX)]
+    return dead.queue

@@ -1,0 +1,29 @@
+"""The command line: ``queueable`` (operations) and ``queueable-consume`` (the worker).
+
+Each subcommand lives in its own module and is attached here.
+"""
+
+from __future__ import annotations
+
+import click
+
+from queueable import __version__
+
+__all__ = ["consume_main", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="queueable")
+def main() -> None:
+    """Operate queueable: consume queued listeners, inspect and replay dead letters, check queues.
+
+    Connection settings come from --url or QUEUEABLE_URL. APP is your application as module:attribute,
+    the same object your web process imports (e.g. myproject.events:app).
+    """
+
+
+def consume_main() -> None:
+    """Entry point of ``queueable-consume`` (the same as ``queueable consume``)."""
+    from queueable.cli.consume import consume  # noqa: PLC0415
+
+    consume(prog_name="queueable-consume")

@@ -1,0 +1,1 @@
+"""Transports: where queued listeners' messages go. ``memory`` ships always; ``rabbitmq`` needs aio-pika."""
