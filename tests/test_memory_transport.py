@@ -1,0 +1,280 @@
+"""The in-memory transport runs queued listeners by the real consumer's rules: retry, dead letters, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from queueable import (
+    App,
+    Container,
+    DeadReason,
+    Handled,
+    OutgoingMessage,
+    PublishError,
+    Reject,
+    Retry,
+    RetryLater,
+    RetryPolicy,
+    Settings,
+    TransportClosedError,
+)
+from queueable import _wire as wire
+from queueable.testing import ManualClock, MemoryTransport, TestTransport
+from tests.fakes import CommentPosted, Mailer, Recorder
+
+COMMENT = CommentPosted(post_id=7, author="ann", text="first!")
+NO_JITTER = RetryPolicy(max_attempts=3, initial_delay=10, multiplier=3, jitter=0)
+
+
+@pytest.fixture(name="mailer")
+def fixture_mailer(recorder: Recorder) -> Mailer:
+    return Mailer(recorder)
+
+
+@pytest.fixture(name="app")
+def fixture_app(mailer: Mailer) -> App:
+    container = Container()
+    container.register_instance("mailer", mailer)
+    app = App(container=container, settings=Settings(url="memory://"))
+    app.add_listener_service("mailer", "notify_author", queue=True, retry=NO_JITTER)
+    app.add_listener_service("mailer", "always_fails", queue=True, retry=NO_JITTER)
+    return app
+
+
+async def test_dispatch_queues_and_nothing_runs_until_the_test_says_so(app: App, recorder: Recorder):
+    """Queued listeners are messages first: dispatch returns with both pending, none called."""
+    async with TestTransport(app) as transport:
+        await app.dispatch(COMMENT)
+        assert transport.pending == 2
+        assert recorder.calls == []
+
+
+async def test_failing_listener_is_dead_lettered_after_max_attempts(app: App, recorder: Recorder):
+    """3 attempts 10 s and 30 s apart, then a dead letter recording the error, attempts and times."""
+    async with TestTransport(app) as transport:
+        await app.dispatch(COMMENT)
+        start = transport.clock()
+        processed = await transport.run_until_idle(advance_time=True)
+
+    fails = [p for p in processed if p.message.headers[wire.H_LISTENER] == "mailer:always_fails"]
+    assert [type(p.outcome).__name__ for p in fails] == ["RetryLater", "RetryLater", "DeadLetter"]
+    assert [p.at - start for p in fails] == [0, 10, 40]
+    assert [p.message.headers[wire.H_ATTEMPT] for p in fails] == [1, 2, 3]
+    assert recorder.names.count("always_fails") == 3
+
+    (dead,) = transport.dead_letters
+    headers = dead.message.headers
+    assert dead.reason is DeadReason.RETRIES_EXHAUSTED
+    assert dead.message.queue == "queueable.dead"
+    assert headers[wire.H_ERROR_TYPE] == "RuntimeError"
+    assert headers[wire.H_ERROR_MESSAGE] == "cannot mail about post 7"
+    assert "raise RuntimeError(msg)" in headers[wire.H_ERROR_TRACEBACK]
+    assert headers[wire.H_ATTEMPT] == 3
+    assert headers[wire.H_FIRST_FAILURE] == wire.iso_now(start)
+    assert headers[wire.H_LAST_FAILURE] == wire.iso_now(start + 40)
+    assert headers[wire.H_ORIGINAL_QUEUE] == "queueable"
+    assert headers[wire.H_LISTENER] == "mailer:always_fails"
+    assert isinstance(headers[wire.H_CONSUMER_PID], int)
+    assert CommentPosted.model_validate_json(dead.message.body) == COMMENT
+    assert dead.message.message_id == fails[0].message.message_id
+
+
+async def test_listener_failing_twice_then_succeeding_is_not_dead_lettered(app: App, mailer: Mailer):
+    """A transient failure is retried and then handled; the sibling listener's failures do not affect it."""
+    mailer.failures = 2
+    async with TestTransport(app) as transport:
+        await app.dispatch(COMMENT)
+        processed = await transport.run_until_idle(advance_time=True)
+    notify = [p.outcome for p in processed if p.message.headers[wire.H_LISTENER] == "mailer:notify_author"]
+    assert [type(o).__name__ for o in notify] == ["RetryLater", "RetryLater", "Handled"]
+    assert [d.message.headers[wire.H_LISTENER] for d in transport.dead_letters] == ["mailer:always_fails"]
+
+
+async def test_retry_waits_for_the_clock(app: App, mailer: Mailer):
+    """A retry is not run before its delay has passed."""
+    mailer.failures = 1
+    async with TestTransport(app) as transport:
+        await app.dispatch(COMMENT)
+        await transport.run_until_idle()
+        assert [due - transport.clock() for due, _ in transport.delayed] == [10, 10]
+        transport.clock.advance(9.9)
+        assert await transport.run_until_idle() == []
+        transport.clock.advance(0.1)
+        assert len(await transport.run_until_idle()) == 2
+
+
+@pytest.fixture(name="controlled_app")
+def fixture_controlled_app() -> App:
+    app = App(settings=Settings(url="memory://"))
+
+    class Control:
+        async def reject(self, event: CommentPosted) -> None:
+            raise Reject("spam")
+
+        async def retry_soon(self, event: CommentPosted) -> None:
+            raise Retry("rate limited", delay=0.5)
+
+        async def value_error(self, event: CommentPosted) -> None:
+            msg = "bad address"
+            raise ValueError(msg)
+
+        async def slow(self, event: CommentPosted) -> None:
+            await asyncio.sleep(5)
+
+    app.container.register("control", Control)  # type: ignore[attr-defined]
+    app.add_listener_service("control", "reject", queue=True)
+    app.add_listener_service("control", "retry_soon", queue=True, retry=RetryPolicy(max_attempts=2))
+    app.add_listener_service("control", "value_error", queue=True, retry=RetryPolicy(dont_retry=(ValueError,)))
+    app.add_listener_service("control", "slow", queue=True, timeout=0.01, retry=RetryPolicy.never())
+    return app
+
+
+async def test_control_exceptions_and_policies(controlled_app: App):
+    """Reject and dont_retry go straight to dead letters; Retry(delay) sets the delay; timeouts fail."""
+    async with TestTransport(controlled_app) as transport:
+        await controlled_app.dispatch(COMMENT)
+        first = {p.message.headers[wire.H_LISTENER]: p.outcome for p in await transport.run_until_idle()}
+
+    reasons = {k: getattr(v, "reason", None) for k, v in first.items()}
+    assert reasons["control:reject"] is DeadReason.REJECTED
+    assert reasons["control:value_error"] is DeadReason.NON_RETRYABLE
+    assert reasons["control:slow"] is DeadReason.RETRIES_EXHAUSTED
+    assert first["control:slow"].message.headers[wire.H_ERROR_TYPE] == "TimeoutError"
+    retry = first["control:retry_soon"]
+    assert isinstance(retry, RetryLater)
+    assert retry.delay == 0.5
+    assert retry.message.headers[wire.H_ERROR_MESSAGE] == "rate limited"
+
+
+def _raw(queue: str = "queueable", body: bytes = b'{"post_id":1,"author":"a","text":"t"}', **headers: object):
+    base: dict[str, object] = {
+        wire.H_LISTENER: "mailer:notify_author",
+        wire.H_EVENT: "blog.comment_posted",
+        wire.H_VERSION: 1,
+    }
+    base.update({k.replace("_", "-"): v for k, v in headers.items()})
+    return OutgoingMessage(queue=queue, body=body, headers={k: v for k, v in base.items() if v is not None})
+
+
+BAD_INPUTS = [
+    pytest.param(_raw(body=b"not json"), DeadReason.NOT_JSON, id="not-json"),
+    pytest.param(_raw(body=b'{"post_id": "\xff"}'), DeadReason.NOT_UTF8, id="not-utf8"),
+    pytest.param(_raw(body=b'{"post_id": "seven"}'), DeadReason.SCHEMA, id="schema"),
+    pytest.param(
+        _raw(**{"x-queueable-listener": "os:system"}), DeadReason.UNKNOWN_LISTENER, id="unknown-listener"
+    ),
+    pytest.param(_raw(**{"x-queueable-listener": None}), DeadReason.MISSING_LISTENER, id="missing-listener"),
+    pytest.param(_raw(**{"x-queueable-event": "os.environ"}), DeadReason.UNKNOWN_EVENT, id="unknown-event"),
+    pytest.param(_raw(**{"x-queueable-event-version": 9}), DeadReason.UNSUPPORTED_VERSION, id="newer-version"),
+    pytest.param(_raw(body=b" " * 2048), DeadReason.OVERSIZED, id="oversized"),
+]
+
+
+@pytest.mark.parametrize(("message", "reason"), BAD_INPUTS)
+async def test_bad_input_is_dead_lettered_with_its_reason(app: App, recorder: Recorder, message, reason):
+    """Every kind of bad input becomes a dead letter with a specific reason; no listener runs."""
+    app.settings = app.settings.merged(max_body_size=1024)
+    async with TestTransport(app) as transport:
+        await transport.publish([message])
+        (processed,) = await transport.run_until_idle()
+    assert processed.outcome.reason is reason  # type: ignore[union-attr]
+    assert transport.dead_letters[0].message.body == message.body
+    assert transport.dead_letters[0].message.headers[wire.H_DEAD_REASON] == reason
+    assert recorder.calls == []
+
+
+async def test_wrong_content_type_is_dead_lettered(app: App):
+    """A message that says it is not JSON is refused as such."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    async with TestTransport(app) as transport:
+        await transport.publish([replace(_raw(), content_type="application/x-python-pickle")])
+        (processed,) = await transport.run_until_idle()
+    assert processed.outcome.reason is DeadReason.CONTENT_TYPE  # type: ignore[union-attr]
+
+
+async def test_message_without_event_header_uses_the_listener_type(app: App, recorder: Recorder):
+    """A producer in another language may send only the listener id: the listener's own type is used."""
+    async with TestTransport(app) as transport:
+        await transport.publish([_raw(**{"x-queueable-event": None, "x-queueable-event-version": None})])
+        (processed,) = await transport.run_until_idle()
+    assert isinstance(processed.outcome, Handled)
+    assert recorder.calls == [("notify_author", CommentPosted(post_id=1, author="a", text="t"))]
+
+
+async def test_publishing_to_an_unknown_queue_is_unroutable(app: App):
+    """Like mandatory publishing on RabbitMQ: no queue, no silent drop."""
+    async with TestTransport(app) as transport:
+        with pytest.raises(PublishError, match="unroutable: no queue named elsewhere"):
+            await transport.publish([_raw(queue="elsewhere")])
+        assert transport.pending == 0
+
+
+async def test_closed_transport_refuses_to_publish(app: App):
+    """Publishing after close() is an error, not a lost message."""
+    transport = MemoryTransport(app.processor(), clock=ManualClock())
+    await transport.close()
+    with pytest.raises(TransportClosedError):
+        await transport.publish([_raw()])
+
+
+async def test_replay_resets_attempts_and_counts_replays(app: App, mailer: Mailer):
+    """A replayed dead letter starts again at attempt 1, with the replay counted and errors cleared."""
+    mailer.failures = 100
+    async with TestTransport(app) as transport:
+        await app.dispatch(COMMENT)
+        await transport.run_until_idle(advance_time=True)
+        assert len(transport.dead_letters) == 2
+        mailer.failures = 0
+        assert await transport.replay("queueable.dead") == 2
+        again = await transport.run_until_idle()
+    notify = next(p for p in again if p.message.headers[wire.H_LISTENER] == "mailer:notify_author")
+    assert isinstance(notify.outcome, Handled)
+    assert notify.message.headers[wire.H_ATTEMPT] == 1
+    assert notify.message.headers[wire.H_REPLAYS] == 1
+    assert wire.H_ERROR_TYPE not in notify.message.headers
+    # always_fails starts over at attempt 1, so it is waiting for its first retry, not dead again.
+    assert transport.dead_letters == []
+    ((_, waiting),) = transport.delayed
+    assert waiting.headers[wire.H_LISTENER] == "mailer:always_fails"
+    assert waiting.headers[wire.H_ATTEMPT] == 2
+
+
+async def test_embedded_mode_runs_queued_listeners_after_dispatch(recorder: Recorder, caplog):
+    """Without a broker URL, queued listeners run in the background after dispatch, with a warning."""
+    container = Container()
+    container.register_instance("mailer", Mailer(recorder))
+    app = App(container=container, settings=Settings())
+    app.add_listener_service("mailer", "notify_author", queue=True)
+    async with app:
+        await app.dispatch(COMMENT)
+        assert recorder.calls == []  # dispatch returned before the listener ran
+    assert recorder.names == ["notify_author"]
+    assert "QUEUEABLE_URL is not set" in caplog.text
+
+
+async def test_embedded_mode_retries_with_real_delays(recorder: Recorder):
+    """Embedded retries wait for real time and then succeed."""
+    container = Container()
+    mailer = Mailer(recorder, failures=1)
+    container.register_instance("mailer", mailer)
+    app = App(container=container, settings=Settings(url="memory://"))
+    policy = RetryPolicy(initial_delay=0.05, jitter=0)
+    app.add_listener_service("mailer", "notify_author", queue=True, retry=policy)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with app:
+        await app.dispatch(COMMENT)
+    assert recorder.names == ["notify_author", "notify_author"]
+    assert loop.time() - started >= 0.05
+
+
+async def test_message_body_is_the_event_json(app: App):
+    """The body is the event's JSON and nothing else, so other languages can produce it."""
+    async with TestTransport(app) as transport:
+        await app.dispatch(COMMENT)
+        message = transport.queues["queueable"][0]
+    assert json.loads(message.body) == {"post_id": 7, "author": "ann", "text": "first!"}

@@ -1,0 +1,182 @@
+"""Settings from the environment, credential masking, App assembly and loading by module:attribute."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+
+import pytest
+
+import queueable
+from queueable import App, ConfigurationError, Settings, load_app, mask_url
+from queueable.transport.memory import MemoryTransport
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("amqp://guest:s3cret@host:5672/vh", "amqp://guest:***@host:5672/vh"),
+        ("amqps://u:p%40ss@broker/", "amqps://u:***@broker/"),
+        ("amqp://host/", "amqp://host/"),
+        ("amqp://user@host/", "amqp://user@host/"),
+        ("amqp://u:pw@[::1]:5672/", "amqp://u:***@[::1]:5672/"),
+        (None, "None"),
+    ],
+)
+def test_mask_url_hides_passwords(url, masked):
+    """Passwords never survive masking; everything else does."""
+    assert mask_url(url) == masked
+
+
+def test_settings_repr_never_shows_the_password():
+    """repr(Settings) is safe to log."""
+    settings = Settings(url="amqp://guest:hunter2@localhost/")
+    assert "hunter2" not in repr(settings)
+    assert "amqp://guest:***@localhost/" in repr(settings)
+    assert "hunter2" not in repr(App(settings=settings))
+
+
+def test_settings_from_env_and_overrides():
+    """QUEUEABLE_* variables are read and converted; explicit overrides win."""
+    env = {
+        "QUEUEABLE_URL": "amqp://h/",
+        "QUEUEABLE_QUEUE": "jobs",
+        "QUEUEABLE_PREFETCH": "8",
+        "QUEUEABLE_QUEUE_TYPE": "classic",
+        "QUEUEABLE_REQUIRE_BROKER": "yes",
+    }
+    settings = Settings.from_env(env, prefetch=16)
+    assert (settings.url, settings.default_queue, settings.prefetch) == ("amqp://h/", "jobs", 16)
+    assert settings.queue_type == "classic"
+    assert settings.require_broker is True
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QUEUEABLE_PREFETCH": "lots"}, "QUEUEABLE_PREFETCH"),
+        ({"QUEUEABLE_URL": "redis://h/"}, "unsupported URL scheme"),
+        ({"QUEUEABLE_QUEUE_TYPE": "stream"}, "queue_type"),
+        ({"QUEUEABLE_REQUIRE_BROKER": "maybe"}, "expected a boolean"),
+    ],
+)
+def test_bad_settings_fail_early(env, message):
+    """Invalid environment values are configuration errors naming the variable or field."""
+    with pytest.raises(ConfigurationError, match=message):
+        Settings.from_env(env)
+
+
+def test_unknown_setting_is_refused():
+    """merged() with a typo fails instead of being ignored."""
+    with pytest.raises(ConfigurationError, match="unknown settings: prefech"):
+        Settings().merged(prefech=3)
+
+
+def test_app_without_url_falls_back_to_memory_with_a_warning(caplog):
+    """No broker configured: in-process memory transport, and a warning saying so."""
+    with caplog.at_level(logging.WARNING, logger="queueable"):
+        transport = App(settings=Settings()).transport
+    assert isinstance(transport, MemoryTransport)
+    assert transport.autorun is True
+    assert "QUEUEABLE_URL is not set" in caplog.text
+
+
+def test_app_that_requires_a_broker_refuses_to_fall_back():
+    """With require_broker, a missing URL is an error, never a silent in-memory queue."""
+    with pytest.raises(ConfigurationError, match="a broker is required"):
+        _ = App(settings=Settings(require_broker=True)).transport
+
+
+@pytest.fixture(name="app_module")
+def fixture_app_module(tmp_path, monkeypatch):
+    source = textwrap.dedent(
+        """
+        from queueable import App, Settings
+        app = App(settings=Settings(url="memory://"))
+        def make_app():
+            return App(settings=Settings(url="memory://", default_queue="made"))
+        not_an_app = 42
+        """
+    )
+    (tmp_path / "my_events_app.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_events_app"
+    sys.modules.pop("my_events_app", None)
+
+
+def test_load_app_by_module_attribute(app_module):
+    """module:attribute, module alone (attribute app) and a factory all load."""
+    assert isinstance(load_app(f"{app_module}:app"), App)
+    assert load_app(app_module) is load_app(f"{app_module}:app")
+    assert load_app(f"{app_module}:make_app").settings.default_queue == "made"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_module_xyz:app", "cannot import 'no_such_module_xyz'"),
+        ("{mod}:missing", "has no attribute 'missing'"),
+        ("{mod}:not_an_app", "not a queueable.App"),
+        (":app", "expected module:attribute"),
+    ],
+)
+def test_load_app_errors_are_clear(app_module, spec, message):
+    """Each way of naming the app wrongly gets its own message."""
+    with pytest.raises(ConfigurationError, match=message):
+        load_app(spec.format(mod=app_module))
+
+
+def test_public_api_is_pinned():
+    """The exported names are deliberate; a change here is a change to the public API."""
+    assert sorted(queueable.__all__) == sorted(
+        [
+            "App",
+            "ConfigurationError",
+            "Container",
+            "DeadLetter",
+            "DeadReason",
+            "EventDispatcher",
+            "Handled",
+            "IncomingMessage",
+            "Listener",
+            "ListenerProvider",
+            "Outcome",
+            "OutgoingMessage",
+            "Processor",
+            "PublishError",
+            "QueueableError",
+            "Reject",
+            "Retry",
+            "RetryLater",
+            "RetryPolicy",
+            "SerializationError",
+            "Settings",
+            "Stoppable",
+            "SvcsContainer",
+            "TransportClosedError",
+            "UnknownServiceError",
+            "correlation_id",
+            "event",
+            "event_name",
+            "event_version",
+            "listener",
+            "load_app",
+            "mask_url",
+        ]
+    )
+    for name in queueable.__all__:
+        assert getattr(queueable, name) is not None
+
+
+def test_error_hierarchy():
+    """Library errors share one base and the stdlib bases users already catch."""
+    from queueable import errors  # noqa: PLC0415
+
+    assert issubclass(errors.ConfigurationError, ValueError)
+    assert issubclass(errors.SerializationError, ValueError)
+    assert issubclass(errors.UnknownServiceError, LookupError)
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.QueueableError)
+    with pytest.raises(ValueError, match=">= 0"):
+        errors.Retry(delay=-1)
