@@ -15,8 +15,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from _consumer_process import World
+from _rabbit_node import RabbitNode
+from _rabbit_node import available as rabbit_node_available
+
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -74,3 +79,45 @@ def fixture_unique(request: pytest.FixtureRequest) -> str:
     """A name prefix unique to this test, for queues and exchanges (``qtest.<test>.<hex>``)."""
     name = request.node.name.replace("[", ".").replace("]", "")[:40]
     return f"qtest.{name}.{uuid.uuid4().hex[:8]}"
+
+
+# -- process-level tests: the real `queueable-consume` on a test's own queue (see _consumer_process.py) --------
+
+
+@pytest.fixture(name="world")
+async def fixture_world(amqp_url: str, unique: str, tmp_path: Path) -> AsyncIterator[World]:
+    """A unique work queue and exchange on the shared broker, with consumers that are reaped at teardown."""
+    world = World(url=amqp_url, queue=unique, exchange=unique + ".x", tmp=tmp_path)
+    try:
+        yield world
+    finally:
+        world.reap()
+        await world.close_apps()
+        await world.delete_topology()
+
+
+@pytest.fixture(scope="session", name="rabbit_node")
+def fixture_rabbit_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    """A private RabbitMQ node on its own ports and data dir, which tests may restart or kill."""
+    if not rabbit_node_available():
+        pytest.fail("broker-restart tests need a RabbitMQ installation in /usr/lib/rabbitmq", pytrace=False)
+    node = RabbitNode(tmp_path_factory.mktemp("rabbit"))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(name="private_world")
+async def fixture_private_world(rabbit_node: RabbitNode, unique: str, tmp_path: Path) -> AsyncIterator[World]:
+    """Like ``world``, on the private node; the node is running again when the test ends."""
+    world = World(url=rabbit_node.url, queue=unique, exchange=unique + ".x", tmp=tmp_path)
+    try:
+        yield world
+    finally:
+        world.reap()
+        await world.close_apps()
+        if not rabbit_node.running:
+            rabbit_node.start()
+        await world.delete_topology()

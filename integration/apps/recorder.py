@@ -1,0 +1,127 @@
+"""An app whose queued listeners leave a durable trace, for tests that run ``queueable-consume`` as a process.
+
+``queueable-consume apps.recorder:create_app`` (with ``integration/`` on ``PYTHONPATH``) builds it from the
+environment: ``QUEUEABLE_URL``, ``QUEUEABLE_QUEUE`` and ``QUEUEABLE_EXCHANGE`` (unique per test), and
+``QTEST_RECORD``, the file each listener appends a line to (``<kind> <event id> <pid>``) with one ``write`` on an
+``O_APPEND`` descriptor, so lines from several processes never interleave and a SIGKILL loses nothing that a
+listener reported before it returned. The test process imports the same module and dispatches with
+``create_app(url=..., default_queue=..., exchange=...)``, so both sides agree on listener ids and event names.
+
+Listeners (all on the default queue, retried 3 times, 0.2 s then 0.4 s apart, no jitter):
+
+- ``record_job(Job)``: records ``handled``.
+- ``flaky(Flaky)``: records ``attempt``; raises until it has seen ``failures`` attempts, then records ``handled``.
+- ``doomed(Doomed)``: records ``attempt`` and always raises ``RuntimeError("doomed <id>")``.
+- ``slow(Slow)``: records ``started``, sleeps ``seconds``, records ``handled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from queueable import App, RetryPolicy, Settings, event
+
+RECORD_ENV = "QTEST_RECORD"
+RETRY = RetryPolicy(max_attempts=3, initial_delay=0.2, multiplier=2.0, max_delay=1.0, jitter=0.0)
+
+
+@event("qtest.job")
+class Job(BaseModel):
+    id: str
+
+
+@event("qtest.flaky")
+class Flaky(BaseModel):
+    id: str
+    failures: int = 2
+
+
+@event("qtest.doomed")
+class Doomed(BaseModel):
+    id: str
+
+
+@event("qtest.slow")
+class Slow(BaseModel):
+    id: str
+    seconds: float
+
+
+def record(kind: str, event_id: str) -> None:
+    """Append ``<kind> <event_id> <pid>`` to the file named by ``QTEST_RECORD`` (one atomic write)."""
+    path = os.environ[RECORD_ENV]
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{kind} {event_id} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One recorded line."""
+
+    kind: str
+    id: str
+    pid: int
+
+
+def read_records(path: Path) -> list[Line]:
+    """Every complete line recorded so far."""
+    if not path.exists():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        kind, event_id, pid = raw.split(" ")
+        lines.append(Line(kind, event_id, int(pid)))
+    return lines
+
+
+def handled_counts(path: Path) -> Counter[str]:
+    """How many times each event id was handled."""
+    return Counter(line.id for line in read_records(path) if line.kind == "handled")
+
+
+def attempts_of(event_id: str) -> int:
+    """How many attempts were recorded for ``event_id`` (by any process)."""
+    path = Path(os.environ[RECORD_ENV])
+    return sum(1 for line in read_records(path) if line.kind == "attempt" and line.id == event_id)
+
+
+async def record_job(event: Job) -> None:
+    record("handled", event.id)
+
+
+async def flaky(event: Flaky) -> None:
+    record("attempt", event.id)
+    if attempts_of(event.id) <= event.failures:
+        msg = f"flaky {event.id} fails"
+        raise RuntimeError(msg)
+    record("handled", event.id)
+
+
+async def doomed(event: Doomed) -> None:
+    record("attempt", event.id)
+    msg = f"doomed {event.id}"
+    raise RuntimeError(msg)
+
+
+async def slow(event: Slow) -> None:
+    record("started", event.id)
+    await asyncio.sleep(event.seconds)
+    record("handled", event.id)
+
+
+def create_app(**overrides: Any) -> App:
+    """The app, with settings from ``QUEUEABLE_*`` and ``overrides`` (the test process passes its own)."""
+    app = App(settings=Settings.from_env(**overrides), default_retry=RETRY)
+    for func in (record_job, flaky, doomed, slow):
+        app.add_listener(func, queue=True)
+    return app
