@@ -114,9 +114,9 @@ class App:
             self._dispatcher = EventDispatcher(self.provider, self.transport, container=self.container)
         return self._dispatcher
 
-    async def dispatch(self, event: E) -> E:
-        """Shortcut for ``app.dispatcher.dispatch(event)``."""
-        return await self.dispatcher.dispatch(event)
+    async def dispatch(self, event: E, *, defer: bool = False) -> E:
+        """Shortcut for ``app.dispatcher.dispatch(event, defer=defer)``."""
+        return await self.dispatcher.dispatch(event, defer=defer)
 
     def processor(self, **options: Any) -> Processor:
         """The decision function the consumer runs, bound to this app's provider and container."""

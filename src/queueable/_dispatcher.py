@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, Self, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
@@ -16,11 +16,12 @@ from queueable.errors import ConfigurationError, SerializationError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from types import TracebackType
 
     from queueable._provider import Listener, ListenerProvider
     from queueable.abc import Container, Transport
 
-__all__ = ["EventDispatcher", "build_messages", "correlation_id", "encode_event"]
+__all__ = ["Deferred", "EventDispatcher", "build_messages", "correlation_id", "encode_event"]
 
 E = TypeVar("E")
 
@@ -30,6 +31,52 @@ E = TypeVar("E")
 correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "queueable_correlation_id", default=None
 )
+
+
+class _Scope:
+    """A buffer of built messages that dispatches in this context append to instead of publishing.
+
+    ``owner`` is the dispatcher whose dispatches it buffers (``None``: any dispatcher, as for an outbox).
+    """
+
+    __slots__ = ("messages", "owner", "parent")
+
+    def __init__(self, owner: EventDispatcher | None, parent: _Scope | None) -> None:
+        self.messages: list[_wire.OutgoingMessage] = []
+        self.owner = owner
+        self.parent = parent
+
+    def accepts(self, dispatcher: EventDispatcher) -> bool:
+        return self.owner is None or self.owner is dispatcher
+
+
+#: The innermost deferral scope of this context (a request, a task): concurrent requests never share one.
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("queueable_deferral", default=None)
+
+
+def open_scope(owner: EventDispatcher | None) -> tuple[_Scope, contextvars.Token[_Scope | None]]:
+    """Start buffering in this context; close with :func:`close_scope` in the same context."""
+    scope = _Scope(owner, _scope.get())
+    return scope, _scope.set(scope)
+
+
+def close_scope(
+    scope: _Scope, token: contextvars.Token[_Scope | None], *, keep: bool
+) -> list[_wire.OutgoingMessage]:
+    """Stop buffering; return the messages the caller must deliver itself (none if a parent takes them).
+
+    With ``keep=False`` the buffer is discarded. Otherwise an enclosing scope that accepts the same dispatcher
+    takes the messages over (a nested scope flushes with the outermost one).
+    """
+    _scope.reset(token)
+    messages, scope.messages = scope.messages, []
+    if not keep:
+        return []
+    parent = scope.parent
+    if parent is not None and (scope.owner is None or parent.accepts(scope.owner)):
+        parent.messages.extend(messages)
+        return []
+    return messages
 
 
 def encode_event(event: object) -> bytes:
@@ -125,6 +172,9 @@ class EventDispatcher:
     In-process listeners are called in order; each queued listener becomes one message, and all the messages of
     one dispatch are published together (concurrently, confirmed) after the in-process listeners ran. If an
     in-process listener raises, the exception propagates and nothing is published.
+
+    Inside :meth:`deferred` the messages are built (serialized and validated) at dispatch time but published
+    only when the block ends, all at once.
     """
 
     def __init__(
@@ -138,15 +188,22 @@ class EventDispatcher:
         self.transport = transport
         self.container = container if container is not None else provider.container
 
-    async def dispatch(self, event: E) -> E:
+    async def dispatch(self, event: E, *, defer: bool = False) -> E:
         """Deliver ``event`` to its listeners and return it.
 
         Returns once in-process listeners have run and every queued listener's message is confirmed by the
         transport. Raises ``SerializationError`` if a queued listener's event is not valid JSON (nothing is
         published then) and ``PublishError`` if the broker did not confirm.
+
+        ``defer=True``: the publisher decides that *every* listener runs in a worker, also those registered
+        without ``queue=True``; each must be queued or a service listener registered with ``deferrable=True``
+        (``ConfigurationError`` otherwise, before anything is published). Nothing runs in this process.
         """
         listeners = self.provider.listeners_for(event)
         if not listeners:
+            return event
+        if defer:
+            await self.publish(event, _deferrable(event, listeners))
             return event
         stoppable = getattr(event, "is_propagation_stopped", None)
         queued: list[Listener] | None = None
@@ -164,15 +221,121 @@ class EventDispatcher:
         return event
 
     async def publish(self, event: object, listeners: Sequence[Listener]) -> None:
-        """Publish ``event`` to ``listeners`` through the transport (one message each)."""
+        """Publish ``event`` to ``listeners`` through the transport (one message each).
+
+        Inside a deferral scope the built messages are buffered instead.
+        """
         messages = build_messages(event, listeners)
+        scope = _scope.get()
+        if scope is not None and scope.accepts(self):
+            if scope.owner is not None and self.transport is None:
+                self._no_transport(event, messages)
+            scope.messages.extend(messages)
+            return
         if self.transport is None:
-            msg = (
-                f"{len(messages)} queued listener(s) for {type(event).__qualname__} but the dispatcher has no "
-                "transport (use App, or pass transport=)"
-            )
-            raise ConfigurationError(msg)
+            self._no_transport(event, messages)
         await self.transport.publish(messages)
+
+    def deferred(self, *, discard_on_error: bool = True) -> Deferred:
+        """A scope that holds this dispatcher's queued messages and publishes them when it ends.
+
+        ::
+
+            async with dispatcher.deferred():
+                await dispatcher.dispatch(OrderPlaced(...))   # built and validated now, not yet published
+            # here every buffered message is published at once and confirmed
+
+        In-process listeners still run at dispatch time. When the block raises, the buffer is discarded
+        (``discard_on_error=False`` publishes it anyway, then the exception propagates). A nested scope hands
+        its messages to the enclosing one, so they are published when the outermost scope ends. The scope is a
+        context variable: concurrent tasks each have their own.
+        """
+        return Deferred(self, discard_on_error=discard_on_error)
+
+    def _no_transport(self, event: object, messages: Sequence[_wire.OutgoingMessage]) -> NoReturn:
+        msg = (
+            f"{len(messages)} queued listener(s) for {type(event).__qualname__} but the dispatcher has no "
+            "transport (use App, or pass transport=)"
+        )
+        raise ConfigurationError(msg)
 
     def __repr__(self) -> str:
         return f"<EventDispatcher provider={self.provider!r} transport={self.transport!r}>"
+
+
+class Deferred:
+    """What :meth:`EventDispatcher.deferred` returns: an async context manager around one deferral scope.
+
+    ``messages`` shows what is buffered so far; :meth:`flush` publishes it early.
+    """
+
+    __slots__ = ("_scope", "_token", "discard_on_error", "dispatcher")
+
+    def __init__(self, dispatcher: EventDispatcher, *, discard_on_error: bool = True) -> None:
+        self.dispatcher = dispatcher
+        self.discard_on_error = discard_on_error
+        self._scope: _Scope | None = None
+        self._token: contextvars.Token[_Scope | None] | None = None
+
+    @property
+    def messages(self) -> list[_wire.OutgoingMessage]:
+        """The buffered messages (a copy)."""
+        return list(self._scope.messages) if self._scope is not None else []
+
+    async def __aenter__(self) -> Self:
+        if self._scope is not None:
+            msg = "a Deferred scope cannot be entered twice"
+            raise RuntimeError(msg)
+        self._scope, self._token = open_scope(self.dispatcher)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._scope is not None
+        assert self._token is not None
+        keep = exc is None or not self.discard_on_error
+        messages = close_scope(self._scope, self._token, keep=keep)
+        if messages:
+            await self._publish(messages)
+
+    async def flush(self) -> None:
+        """Publish what is buffered now (within the scope), and keep buffering afterwards."""
+        if self._scope is None or not self._scope.messages:
+            return
+        messages, self._scope.messages = self._scope.messages, []
+        await self._publish(messages)
+
+    async def _publish(self, messages: list[_wire.OutgoingMessage]) -> None:
+        transport = self.dispatcher.transport
+        assert transport is not None  # checked when the messages were buffered
+        await transport.publish(messages)
+
+    def __repr__(self) -> str:
+        buffered = len(self._scope.messages) if self._scope is not None else 0
+        return f"<Deferred buffered={buffered} discard_on_error={self.discard_on_error}>"
+
+
+def _deferrable(event: object, listeners: Sequence[Listener]) -> list[Listener]:
+    """All of ``listeners``, after checking each can run in a worker; raises ``ConfigurationError``."""
+    problems: list[str] = []
+    for entry in listeners:
+        if entry.queue or entry.deferrable:
+            continue
+        if entry.is_service:
+            problems.append(
+                f"{entry.id!r} is an in-process service listener not registered with deferrable=True, so "
+                "a worker would refuse its message"
+            )
+        else:
+            problems.append(
+                f"{entry.id!r} is a plain callable: only container service listeners can be deferred (a "
+                "worker cannot resolve a callable that was not registered as queued)"
+            )
+    if problems:
+        msg = f"cannot dispatch {type(event).__qualname__} with defer=True: " + "; ".join(problems)
+        raise ConfigurationError(msg)
+    return list(listeners)

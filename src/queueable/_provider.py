@@ -57,6 +57,9 @@ class Listener:
     in_thread: bool = True
     is_async: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: An in-process service listener that ``dispatch(event, defer=True)`` may send through the queue; the
+    #: worker's allow-list (:meth:`ListenerProvider.queued`) then accepts messages for it.
+    deferrable: bool = False
 
     @property
     def is_service(self) -> bool:
@@ -88,6 +91,7 @@ def listener(
     queue_name: str | None = None,
     timeout: float | None = None,
     in_thread: bool = True,
+    deferrable: bool = False,
 ) -> Callable[[F], F]:
     """Mark a method of a service class as a listener; :meth:`ListenerProvider.service` registers it.
 
@@ -108,6 +112,7 @@ def listener(
         "queue_name": queue_name,
         "timeout": timeout,
         "in_thread": in_thread,
+        "deferrable": deferrable,
     }
 
     def mark(func: F) -> F:
@@ -203,11 +208,14 @@ class ListenerProvider:
         timeout: float | None = None,
         in_thread: bool = True,
         service_type: type | None = None,
+        deferrable: bool = False,
     ) -> Listener:
         """Register method ``method`` of the service ``service_id`` that the container builds.
 
         Its id on the wire is ``"service_id:method"``. ``service_type`` (or a container that knows the type)
         lets the method and its signature be checked now; ``event_type`` defaults to the method's annotation.
+        ``deferrable=True`` lets an in-process listener be sent through the queue by
+        ``dispatch(event, defer=True)`` (its ``queue_name`` and ``retry`` apply then); workers accept it.
         """
         if not service_id or not method:
             raise ConfigurationError("service_id and method must be non-empty strings")
@@ -242,6 +250,7 @@ class ListenerProvider:
                 service_type=service_type,
                 in_thread=in_thread,
                 is_async=is_async,
+                deferrable=deferrable,
             )
         )
 
@@ -298,10 +307,11 @@ class ListenerProvider:
         return register
 
     def _add(self, entry: Listener) -> Listener:
-        if entry.queue:
+        if entry.queue or entry.deferrable:
             if not (isinstance(entry.event_type, type) and issubclass(entry.event_type, BaseModel)):
+                kind = "queued" if entry.queue else "deferrable"
                 msg = (
-                    f"queued listener {entry.id!r} listens to {entry.event_type!r}, which is not a pydantic "
+                    f"{kind} listener {entry.id!r} listens to {entry.event_type!r}, which is not a pydantic "
                     "model: queued events travel as validated JSON (use BaseModel for a queued firehose)"
                 )
                 raise ConfigurationError(msg)
@@ -334,7 +344,7 @@ class ListenerProvider:
         return result
 
     def queued(self, listener_id: str) -> tuple[Listener, ...]:
-        """The queued registrations with this id: the consumer's allow-list (empty when unknown)."""
+        """The queued or deferrable registrations with this id: the consumer's allow-list (empty if unknown)."""
         return tuple(self._queued.get(listener_id, ()))
 
     @property

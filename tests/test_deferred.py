@@ -1,0 +1,316 @@
+"""Dispatch modes in the dispatcher: ``deferred()`` scopes and publisher-decided ``defer=True``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import BaseModel, field_serializer
+
+from queueable import (
+    App,
+    ConfigurationError,
+    DeadReason,
+    EventDispatcher,
+    ListenerProvider,
+    PublishError,
+    SerializationError,
+    listener,
+)
+from queueable import _wire as wire
+from queueable.testing import TestTransport
+from tests.fakes import CommentPosted, Mailer, NotAModel, Recorder, RecordingTransport
+
+COMMENT = CommentPosted(post_id=7, author="ann", text="first!")
+
+
+@pytest.fixture(name="dispatcher")
+def fixture_dispatcher(provider: ListenerProvider, transport: RecordingTransport) -> EventDispatcher:
+    provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    return EventDispatcher(provider, transport)
+
+
+class Broken(BaseModel):
+    value: int
+
+    @field_serializer("value")
+    def _broken(self, value: int) -> str:
+        return "not a number"
+
+
+# -- deferred() --------------------------------------------------------------------------------------
+
+
+async def test_deferred_publishes_nothing_until_the_block_ends_then_everything_in_one_batch(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """Messages built inside the block are published together, in one transport call, when it ends."""
+    async with dispatcher.deferred() as scope:
+        await dispatcher.dispatch(COMMENT)
+        await dispatcher.dispatch(CommentPosted(post_id=8, author="bob", text="second"))
+        assert transport.batches == []
+        assert len(scope.messages) == 2
+
+    assert len(transport.batches) == 1
+    assert [m.body for m in transport.batches[0]] == [
+        COMMENT.model_dump_json().encode(),
+        b'{"post_id":8,"author":"bob","text":"second"}',
+    ]
+
+
+async def test_a_deferred_message_is_the_message_a_direct_publish_would_send(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """Deferral changes when a message is published, not what it contains."""
+    await dispatcher.dispatch(COMMENT)
+    async with dispatcher.deferred():
+        await dispatcher.dispatch(COMMENT)
+
+    direct, deferred = transport.messages
+    volatile = {wire.H_CREATED}
+    assert {k: v for k, v in direct.headers.items() if k not in volatile} == {
+        k: v for k, v in deferred.headers.items() if k not in volatile
+    }
+    assert (direct.queue, direct.body, direct.type, direct.content_type) == (
+        deferred.queue,
+        deferred.body,
+        deferred.type,
+        deferred.content_type,
+    )
+
+
+async def test_in_process_listeners_run_at_dispatch_time_inside_a_scope(
+    provider: ListenerProvider, dispatcher: EventDispatcher, recorder: Recorder
+):
+    """Only publishing is deferred: in-process listeners still run before dispatch returns."""
+    provider.add_listener_service("mailer", "notify_sync", CommentPosted)
+    async with dispatcher.deferred():
+        await dispatcher.dispatch(COMMENT)
+        assert recorder.names == ["notify_sync"]
+
+
+async def test_a_serialization_error_surfaces_at_the_emitter_inside_a_scope(
+    provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """An event that cannot become valid JSON fails at dispatch(), not later when the scope flushes."""
+    provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
+    async with dispatcher.deferred():
+        with pytest.raises(SerializationError):
+            await dispatcher.dispatch(Broken(value=1))
+        await dispatcher.dispatch(COMMENT)
+    assert len(transport.messages) == 1
+
+
+async def test_an_exception_in_the_block_discards_the_buffer(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """By default a block that raises publishes nothing, and the exception propagates."""
+    with pytest.raises(RuntimeError, match="boom"):  # noqa: PT012 - raised inside the scope under test
+        async with dispatcher.deferred():
+            await dispatcher.dispatch(COMMENT)
+            raise RuntimeError("boom")
+    assert transport.batches == []
+
+
+async def test_discard_on_error_false_publishes_and_still_propagates(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """discard_on_error=False publishes what was buffered before the exception, then re-raises it."""
+    with pytest.raises(RuntimeError, match="boom"):  # noqa: PT012 - raised inside the scope under test
+        async with dispatcher.deferred(discard_on_error=False):
+            await dispatcher.dispatch(COMMENT)
+            raise RuntimeError("boom")
+    assert len(transport.messages) == 1
+
+
+async def test_a_publish_failure_at_flush_raises_from_the_block(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """If the broker does not confirm, leaving the block raises PublishError."""
+    transport.fail_with = PublishError("nacked", message_ids=["x"])
+    with pytest.raises(PublishError, match="nacked"):
+        async with dispatcher.deferred():
+            await dispatcher.dispatch(COMMENT)
+
+
+async def test_a_nested_scope_hands_its_messages_to_the_outer_one(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """Inner scopes flush with the outermost; an inner exception discards only the inner buffer."""
+    async with dispatcher.deferred():
+        async with dispatcher.deferred():
+            await dispatcher.dispatch(CommentPosted(post_id=1, author="a", text="kept"))
+        assert transport.batches == []
+        with pytest.raises(RuntimeError):  # noqa: PT012 - raised inside the scope under test
+            async with dispatcher.deferred():
+                await dispatcher.dispatch(CommentPosted(post_id=2, author="a", text="dropped"))
+                raise RuntimeError
+        await dispatcher.dispatch(CommentPosted(post_id=3, author="a", text="outer"))
+
+    assert len(transport.batches) == 1
+    assert [CommentPosted.model_validate_json(m.body).post_id for m in transport.messages] == [1, 3]
+
+
+async def test_concurrent_tasks_have_separate_scopes(dispatcher: EventDispatcher, transport: RecordingTransport):
+    """Two requests deferring at the same time each publish only their own messages."""
+    both_buffered = asyncio.Barrier(2)
+
+    async def request(post_id: int, *, fail: bool) -> None:
+        async with dispatcher.deferred():
+            await dispatcher.dispatch(CommentPosted(post_id=post_id, author="a", text="t"))
+            await both_buffered.wait()
+            if fail:
+                raise RuntimeError
+
+    results = await asyncio.gather(request(1, fail=False), request(2, fail=True), return_exceptions=True)
+
+    assert results[0] is None
+    assert isinstance(results[1], RuntimeError)
+    assert [CommentPosted.model_validate_json(m.body).post_id for m in transport.messages] == [1]
+
+
+async def test_a_scope_buffers_only_its_own_dispatcher(
+    provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """Another dispatcher (another transport) publishes right away inside someone else's scope."""
+    other_transport = RecordingTransport()
+    other = EventDispatcher(provider, other_transport)
+    async with dispatcher.deferred():
+        await other.dispatch(COMMENT)
+        assert len(other_transport.messages) == 1
+    assert transport.batches == []
+
+
+async def test_flush_publishes_early_and_keeps_buffering(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """flush() inside the block publishes what is buffered; later dispatches go out at the end."""
+    async with dispatcher.deferred() as scope:
+        await dispatcher.dispatch(COMMENT)
+        await scope.flush()
+        assert len(transport.batches) == 1
+        await dispatcher.dispatch(COMMENT)
+        assert len(transport.batches) == 1
+    assert len(transport.batches) == 2
+
+
+async def test_deferring_without_a_transport_fails_at_dispatch(provider: ListenerProvider):
+    """A dispatcher with nowhere to publish says so at the emitter, not when the scope ends."""
+    provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    dispatcher = EventDispatcher(provider)
+    async with dispatcher.deferred():
+        with pytest.raises(ConfigurationError, match="no transport"):
+            await dispatcher.dispatch(COMMENT)
+
+
+async def test_a_scope_cannot_be_entered_twice(dispatcher: EventDispatcher):
+    """Reusing one Deferred object is a programming error."""
+    scope = dispatcher.deferred()
+    async with scope:
+        with pytest.raises(RuntimeError, match="twice"):
+            await scope.__aenter__()
+
+
+# -- defer=True --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(name="defer_app")
+def fixture_defer_app(app: App, recorder: Recorder) -> App:
+    @app.service("audit")
+    class Audit:
+        @listener(deferrable=True, queue_name="audit")
+        def record(self, event: CommentPosted) -> None:
+            recorder.record("audit", event)
+
+    app.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    return app
+
+
+async def test_defer_sends_every_listener_through_the_queue(defer_app: App, recorder: Recorder):
+    """defer=True publishes one message per listener, including in-process ones, and runs none here."""
+    async with TestTransport(defer_app) as transport:
+        await defer_app.dispatch(COMMENT, defer=True)
+        assert recorder.names == []
+        assert {name: len(q) for name, q in transport.queues.items() if q} == {"audit": 1, "queueable": 1}
+
+        await transport.run_until_idle()
+
+    assert sorted(recorder.names) == ["audit", "notify_author"]
+
+
+async def test_without_defer_a_deferrable_listener_runs_in_process(defer_app: App, recorder: Recorder):
+    """deferrable=True only allows deferral: a plain dispatch still calls the listener right away."""
+    async with TestTransport(defer_app) as transport:
+        await defer_app.dispatch(COMMENT)
+        assert recorder.names == ["audit"]
+        assert transport.pending == 1
+
+
+async def test_a_deferred_listener_gets_its_retry_policy_in_the_worker(app: App, recorder: Recorder):
+    """A deferred in-process listener that fails is retried and dead-lettered like a queued one."""
+    from queueable import RetryPolicy  # noqa: PLC0415
+
+    app.add_listener_service(
+        "mailer", "always_fails", CommentPosted, deferrable=True, retry=RetryPolicy(max_attempts=2)
+    )
+    async with TestTransport(app) as transport:
+        await app.dispatch(COMMENT, defer=True)
+        await transport.run_until_idle(advance_time=True)
+
+    assert recorder.names == ["always_fails", "always_fails"]
+    assert [d.reason for d in transport.dead_letters] == [DeadReason.RETRIES_EXHAUSTED]
+
+
+async def test_a_plain_callable_cannot_be_deferred_and_nothing_is_published(defer_app: App, recorder: Recorder):
+    """A closure cannot run in a worker: defer=True raises before publishing or calling anything."""
+    defer_app.add_listener(lambda e: recorder.record("closure", e), CommentPosted)
+    async with TestTransport(defer_app) as transport:
+        with pytest.raises(ConfigurationError, match="plain callable"):
+            await defer_app.dispatch(COMMENT, defer=True)
+        assert transport.pending == 0
+    assert recorder.names == []
+
+
+async def test_a_service_listener_must_opt_in_to_deferral(app: App):
+    """An in-process service listener without deferrable=True cannot be deferred (a worker would refuse it)."""
+    app.add_listener_service("mailer", "notify_sync", CommentPosted)
+    async with TestTransport(app) as transport:
+        with pytest.raises(ConfigurationError, match="deferrable=True"):
+            await app.dispatch(COMMENT, defer=True)
+        assert transport.pending == 0
+
+
+async def test_the_worker_refuses_a_message_for_an_in_process_listener(app: App, recorder: Recorder):
+    """A forged message naming a non-deferrable in-process listener is dead-lettered, never invoked."""
+    app.add_listener_service("mailer", "notify_sync", CommentPosted)
+    async with TestTransport(app) as transport:
+        forged = wire.OutgoingMessage(
+            queue="queueable",
+            body=COMMENT.model_dump_json().encode(),
+            headers={wire.H_LISTENER: "mailer:notify_sync", wire.H_EVENT: "blog.comment_posted"},
+        )
+        await transport.publish([forged])
+        await transport.run_until_idle()
+
+    assert recorder.names == []
+    assert [d.reason for d in transport.dead_letters] == [DeadReason.UNKNOWN_LISTENER]
+
+
+def test_deferrable_needs_a_pydantic_event(provider: ListenerProvider):
+    """A deferrable listener's event must travel as JSON, so it must be a pydantic model."""
+
+    class Legacy(Mailer):
+        def on_plain(self, event: NotAModel) -> None:
+            """Takes an event that is not a model."""
+
+    with pytest.raises(ConfigurationError, match="deferrable listener"):
+        provider.add_listener_service("mailer", "on_plain", deferrable=True, service_type=Legacy)
+
+
+async def test_defer_inside_a_deferred_scope_is_buffered(defer_app: App, recorder: Recorder):
+    """The two modes compose: deferred listeners' messages wait for the scope like queued ones."""
+    async with TestTransport(defer_app) as transport:
+        async with defer_app.dispatcher.deferred():
+            await defer_app.dispatch(COMMENT, defer=True)
+            assert transport.pending == 0
+        assert transport.pending == 2
