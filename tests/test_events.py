@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from queueable import ConfigurationError, event, event_name, event_version
 from queueable._dispatcher import encode_event
-from queueable._events import find_event_class
+from queueable._events import EventRegistry, find_event_class
 from tests.fakes import CommentPosted, PostPublished, SpamCommentPosted
 
 
@@ -101,3 +101,28 @@ def test_any_valid_event_survives_the_json_round_trip(original: Everything):
     """What the emitter encodes, the worker decodes to an equal event."""
     body = encode_event(original)
     assert Everything.model_validate_json(body) == original
+
+
+def test_registry_resolves_only_within_the_listener_type():
+    """The registry knows registered names and finds subclasses, but never crosses into other types."""
+    registry = EventRegistry()
+    registry.register(CommentPosted)
+    assert registry.get("blog.comment_posted") is CommentPosted
+    assert registry.resolve("blog.comment_posted", within=CommentPosted) is CommentPosted
+    assert registry.resolve("tests.fakes.SpamCommentPosted", within=CommentPosted) is SpamCommentPosted
+    assert registry.resolve("blog.comment_posted", within=PostPublished) is None
+    assert registry.resolve("builtins.object", within=CommentPosted) is None
+    assert registry.names() == ["blog.comment_posted"]
+
+
+def test_registry_refuses_a_second_class_with_the_same_name():
+    """Registering two classes under one wire name fails at registration, not in a worker."""
+
+    @event("blog.comment_posted")
+    class Impostor(BaseModel):
+        pass
+
+    registry = EventRegistry()
+    registry.register(CommentPosted)
+    with pytest.raises(ConfigurationError, match="share the wire name"):
+        registry.register(Impostor)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from queueable import _wire
 from queueable._dispatcher import call_listener, correlation_id
-from queueable._events import event_name, event_version, find_event_class
+from queueable._events import event_name, event_version
 from queueable.errors import ConfigurationError, Reject, Retry, UnknownServiceError
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ DEAD_SUFFIX = ".dead"
 MAX_ERROR_MESSAGE = 2_000
 MAX_TRACEBACK = 8_000
 DEFAULT_MAX_BODY_SIZE = 1_048_576  # 1 MiB
-_MAX_CACHED_CLASSES = 10_000
 
 
 def dead_letter_queue_for(queue: str) -> str:
@@ -136,7 +135,6 @@ class Processor:
         self.clock = clock
         self.hostname = hostname or socket.gethostname()
         self.pid = pid if pid is not None else os.getpid()
-        self._classes: dict[tuple[type, str], type[BaseModel] | None] = {}
 
     async def process(self, message: _wire.IncomingMessage) -> Outcome:
         """Decide and run: the listener is invoked at most once per call."""
@@ -198,20 +196,13 @@ class Processor:
         self, candidates: tuple[Listener, ...], name: str | None
     ) -> tuple[Listener, type[BaseModel]]:
         for entry in candidates:
-            base = entry.event_type
             if name is None:
                 # A producer that sent only the listener header: the listener's own (concrete) type.
-                return entry, base
-            key = (base, name)
+                return entry, entry.event_type
             try:
-                cls = self._classes[key]
-            except KeyError:
-                try:
-                    cls = find_event_class(base, name)
-                except ConfigurationError as exc:
-                    raise _BadInput(DeadReason.UNKNOWN_EVENT, str(exc)) from None
-                if len(self._classes) < _MAX_CACHED_CLASSES:  # bounded: unknown names come from outside
-                    self._classes[key] = cls
+                cls = self.provider.events.resolve(name, within=entry.event_type)
+            except ConfigurationError as exc:
+                raise _BadInput(DeadReason.UNKNOWN_EVENT, str(exc)) from None
             if cls is not None:
                 return entry, cls
         msg = f"event {name!r} is not a type that listener {candidates[0].id!r} listens to"

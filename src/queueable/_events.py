@@ -11,7 +11,7 @@ from queueable.errors import ConfigurationError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["Stoppable", "event", "event_name", "event_version", "find_event_class"]
+__all__ = ["EventRegistry", "Stoppable", "event", "event_name", "event_version", "find_event_class"]
 
 T = TypeVar("T", bound=type[Any])
 
@@ -90,6 +90,61 @@ def find_event_class(base: type, name: str) -> type[BaseModel] | None:
             found = cls
         stack.extend(cls.__subclasses__())
     return found
+
+
+class EventRegistry:
+    """Maps wire names to the event classes an application knows; never imports anything.
+
+    The provider registers the event type of every queued listener. A worker resolves the event name of a
+    message with :meth:`resolve`, which only considers that listener's type and its already-imported
+    subclasses (a queued listener on ``BaseModel`` sees every model, as a firehose should). Answers are
+    cached, including misses, up to a bound (names in messages come from outside).
+    """
+
+    _MAX_CACHED = 10_000
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, type[BaseModel]] = {}
+        self._resolved: dict[tuple[type, str], type[BaseModel] | None] = {}
+
+    def register(self, cls: type[BaseModel]) -> None:
+        """Know ``cls`` by its wire name; two classes with one name are a configuration error."""
+        name = event_name(cls)
+        existing = self._by_name.get(name)
+        if existing is not None and existing is not cls:
+            msg = f"two event classes share the wire name {name!r}: {existing!r} and {cls!r}"
+            raise ConfigurationError(msg)
+        self._by_name[name] = cls
+
+    def get(self, name: str) -> type[BaseModel] | None:
+        """The registered class named ``name``, if any (subclasses are found by :meth:`resolve`)."""
+        return self._by_name.get(name)
+
+    def resolve(self, name: str, *, within: type) -> type[BaseModel] | None:
+        """The class named ``name`` that is ``within`` or one of its subclasses, else ``None``."""
+        key = (within, name)
+        try:
+            return self._resolved[key]
+        except KeyError:
+            pass
+        registered = self._by_name.get(name)
+        if registered is not None and issubclass(registered, within):
+            found: type[BaseModel] | None = registered
+        else:
+            found = find_event_class(within, name)
+        if len(self._resolved) < self._MAX_CACHED:
+            self._resolved[key] = found
+        return found
+
+    def names(self) -> list[str]:
+        """Every registered wire name, sorted."""
+        return sorted(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __repr__(self) -> str:
+        return f"<EventRegistry events={len(self._by_name)}>"
 
 
 class Stoppable(BaseModel):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import BaseModel
 
+from queueable._events import EventRegistry
 from queueable._retry import RetryPolicy
 from queueable.errors import ConfigurationError, UnknownServiceError
 
@@ -146,6 +147,8 @@ class ListenerProvider:
         self._queued: dict[str, list[Listener]] = {}
         self._cache: dict[type, tuple[Listener, ...]] = {}
         self._order = itertools.count()
+        #: The wire names of queued events: what a worker can turn a message's event name into.
+        self.events = EventRegistry()
 
     # -- registration ------------------------------------------------------------------------------
 
@@ -320,6 +323,7 @@ class ListenerProvider:
                 msg = f"queued listener {entry.id!r} is already registered for {entry.event_type!r}"
                 raise ConfigurationError(msg)
             same.append(entry)
+            self.events.register(entry.event_type)
         self._listeners.append(entry)
         self._by_type.setdefault(entry.event_type, []).append(entry)
         self._cache.clear()
