@@ -1,0 +1,120 @@
+"""``DeferredDispatchMiddleware``: publish a request's events only after its response has been sent.
+
+Symfony's delayed dispatcher on ``kernel.terminate``, for any ASGI framework (Starlette, FastAPI, Litestar,
+Quart, Django's ASGI handler)::
+
+    app = Starlette(routes=..., middleware=[Middleware(DeferredDispatchMiddleware, dispatcher=events_app)])
+
+Each HTTP request runs inside :meth:`EventDispatcher.deferred`: events its handler dispatches are built and
+validated at once (errors still reach the handler) and published, all together and confirmed, after the last
+byte of the response has been handed to the server. The client never waits for the broker. A request whose
+handler raises, or whose response is a server error (``>= 500``), or that never completed its response,
+publishes nothing (``discard_on_error=False`` publishes anyway).
+
+A publish that fails after the response cannot reach the client any more: it is logged (with the message ids)
+and passed to ``on_publish_error`` if given. Use the transactional outbox when an event must not be lost.
+
+No runtime dependency: this is plain ASGI.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from queueable._app import App
+from queueable._dispatcher import EventDispatcher, close_scope, open_scope
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+
+    from queueable._wire import OutgoingMessage
+
+    Message = MutableMapping[str, Any]
+    Scope = MutableMapping[str, Any]
+    Receive = Callable[[], Awaitable[Message]]
+    Send = Callable[[Message], Awaitable[None]]
+    ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+__all__ = ["DeferredDispatchMiddleware"]
+
+log = logging.getLogger("queueable.asgi")
+
+_COMPLETE = frozenset({"http.response.pathsend", "http.response.zerocopysend"})
+
+
+class DeferredDispatchMiddleware:
+    """Open a deferral scope per HTTP request; flush it after the response is sent.
+
+    ``dispatcher`` is the :class:`~queueable.App` (its current dispatcher is used on each request) or an
+    :class:`~queueable.EventDispatcher`. ``discard_status``: responses with this status or higher count as
+    failed (default 500). ``on_publish_error(exc, messages)`` is called when the post-response publish fails.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        dispatcher: App | EventDispatcher,
+        *,
+        discard_on_error: bool = True,
+        discard_status: int = 500,
+        on_publish_error: Callable[[Exception, Sequence[OutgoingMessage]], Any] | None = None,
+    ) -> None:
+        self.app = app
+        self.dispatcher = dispatcher
+        self.discard_on_error = discard_on_error
+        self.discard_status = discard_status
+        self.on_publish_error = on_publish_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        dispatcher = self.dispatcher.dispatcher if isinstance(self.dispatcher, App) else self.dispatcher
+        status = 0
+        complete = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status, complete
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+            elif (kind == "http.response.body" and not message.get("more_body", False)) or kind in _COMPLETE:
+                await send(message)
+                complete = True
+                return
+            await send(message)
+
+        buffer, token = open_scope(dispatcher)
+        try:
+            await self.app(scope, receive, tracking_send)
+        except BaseException:
+            messages = close_scope(buffer, token, keep=not self.discard_on_error)
+            if messages:
+                await self._publish(dispatcher, messages)
+            raise
+        failed = not complete or status >= self.discard_status
+        messages = close_scope(buffer, token, keep=not (failed and self.discard_on_error))
+        if messages:
+            await self._publish(dispatcher, messages)
+        elif failed:
+            log.debug("request failed (status %s); its events were discarded", status)
+
+    async def _publish(self, dispatcher: EventDispatcher, messages: list[OutgoingMessage]) -> None:
+        transport = dispatcher.transport
+        assert transport is not None  # checked when the messages were buffered
+        try:
+            await transport.publish(messages)
+        except Exception as exc:
+            log.exception(
+                "publishing %d event message(s) after the response failed; message ids: %s",
+                len(messages),
+                ", ".join(m.message_id for m in messages),
+            )
+            if self.on_publish_error is not None:
+                self.on_publish_error(exc, messages)
+
+    def __repr__(self) -> str:
+        return f"<DeferredDispatchMiddleware app={self.app!r} discard_on_error={self.discard_on_error}>"

@@ -1,0 +1,191 @@
+"""DeferredDispatchMiddleware through a real Starlette app: events leave only after the response is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from queueable import EventDispatcher, ListenerProvider, PublishError
+from queueable.asgi import DeferredDispatchMiddleware
+from tests.fakes import CommentPosted, RecordingTransport
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from starlette.requests import Request
+
+    from queueable import OutgoingMessage
+
+
+class GatedTransport(RecordingTransport):
+    """A transport whose publish blocks until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.done = asyncio.Event()
+
+    async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        self.started.set()
+        await self.gate.wait()
+        await super().publish(messages)
+        self.done.set()
+
+
+@pytest.fixture(name="gated")
+def fixture_gated() -> GatedTransport:
+    return GatedTransport()
+
+
+@pytest.fixture(name="dispatcher")
+def fixture_dispatcher(provider: ListenerProvider, gated: GatedTransport) -> EventDispatcher:
+    provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    return EventDispatcher(provider, gated)
+
+
+def make_app(dispatcher: EventDispatcher, **options: object) -> Starlette:
+    async def comment(request: Request) -> JSONResponse:
+        post_id = int(request.path_params["post_id"])
+        await dispatcher.dispatch(CommentPosted(post_id=post_id, author="ann", text="hi"))
+        await dispatcher.dispatch(CommentPosted(post_id=post_id + 1, author="ann", text="hi"))
+        return JSONResponse({"ok": True})
+
+    async def crash(request: Request) -> JSONResponse:
+        await dispatcher.dispatch(CommentPosted(post_id=1, author="ann", text="hi"))
+        msg = "handler bug"
+        raise RuntimeError(msg)
+
+    async def unavailable(request: Request) -> PlainTextResponse:
+        await dispatcher.dispatch(CommentPosted(post_id=1, author="ann", text="hi"))
+        return PlainTextResponse("try later", status_code=503)
+
+    return Starlette(
+        routes=[
+            Route("/comment/{post_id}", comment, methods=["POST"]),
+            Route("/crash", crash, methods=["POST"]),
+            Route("/unavailable", unavailable, methods=["POST"]),
+        ],
+        middleware=[Middleware(DeferredDispatchMiddleware, dispatcher=dispatcher, **options)],
+    )
+
+
+@pytest.fixture(name="server_url")
+async def fixture_server_url(dispatcher: EventDispatcher) -> AsyncIterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(make_app(dispatcher), lifespan="off", ws="none", log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+        await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await asyncio.wait_for(task, 10)
+    sock.close()
+
+
+async def test_the_response_reaches_the_client_while_the_publish_is_still_blocked(
+    server_url: str, gated: GatedTransport
+):
+    """Over a real uvicorn server the client has its full response before the broker confirmed anything."""
+    async with httpx.AsyncClient() as client:
+        response = await asyncio.wait_for(client.post(f"{server_url}/comment/7"), 5)
+    assert response.status_code == 200
+    assert response.json() == {"ok": True}
+
+    await asyncio.wait_for(gated.started.wait(), 5)  # the flush began after the response...
+    assert gated.messages == []  # ...and is still waiting for the broker
+    gated.gate.set()
+    await asyncio.wait_for(gated.done.wait(), 5)
+
+    assert len(gated.batches) == 1
+    assert [CommentPosted.model_validate_json(m.body).post_id for m in gated.messages] == [7, 8]
+
+
+async def test_an_exception_in_the_endpoint_discards_the_events(
+    dispatcher: EventDispatcher, gated: GatedTransport
+):
+    """A handler that raises gets a 500 and its dispatched events are never published."""
+    gated.gate.set()
+    transport = httpx.ASGITransport(make_app(dispatcher), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/crash")
+    assert response.status_code == 500
+    assert not gated.started.is_set()
+
+
+async def test_a_server_error_response_discards_the_events(dispatcher: EventDispatcher, gated: GatedTransport):
+    """A 5xx response without an exception also counts as failed."""
+    gated.gate.set()
+    transport = httpx.ASGITransport(make_app(dispatcher))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/unavailable")
+    assert response.status_code == 503
+    assert not gated.started.is_set()
+
+
+async def test_discard_on_error_false_publishes_even_after_a_crash(
+    dispatcher: EventDispatcher, gated: GatedTransport
+):
+    """With discard_on_error=False the events of a failed request are published anyway."""
+    gated.gate.set()
+    transport = httpx.ASGITransport(make_app(dispatcher, discard_on_error=False), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/crash")
+    assert response.status_code == 500
+    assert len(gated.messages) == 1
+
+
+async def test_a_failed_publish_after_the_response_is_logged_and_reported(
+    dispatcher: EventDispatcher, gated: GatedTransport, caplog: pytest.LogCaptureFixture
+):
+    """The client already has its 200; the failure goes to the log with message ids and to the callback."""
+    gated.gate.set()
+    gated.fail_with = PublishError("broker down")
+    failures: list[tuple[Exception, int]] = []
+    app = make_app(dispatcher, on_publish_error=lambda exc, messages: failures.append((exc, len(messages))))
+    with caplog.at_level(logging.ERROR, logger="queueable.asgi"):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+            response = await client.post("/comment/1")
+    assert response.status_code == 200
+    assert [(str(exc), n) for exc, n in failures] == [("broker down", 2)]
+    assert "message ids" in caplog.text
+
+
+async def test_concurrent_requests_publish_only_their_own_events(
+    dispatcher: EventDispatcher, gated: GatedTransport
+):
+    """Each request flushes its own buffer: two requests, two batches of two."""
+    gated.gate.set()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(make_app(dispatcher)), base_url="http://test"
+    ) as client:
+        await asyncio.gather(client.post("/comment/10"), client.post("/comment/20"))
+    assert sorted(sorted(CommentPosted.model_validate_json(m.body).post_id for m in b) for b in gated.batches) == [
+        [10, 11],
+        [20, 21],
+    ]
+
+
+async def test_non_http_scopes_pass_through(dispatcher: EventDispatcher):
+    """Lifespan and websocket scopes are not wrapped in a deferral scope."""
+    seen: list[str] = []
+
+    async def inner(scope, receive, send) -> None:
+        seen.append(scope["type"])
+
+    middleware = DeferredDispatchMiddleware(inner, dispatcher)
+    await middleware({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
+    assert seen == ["lifespan"]
