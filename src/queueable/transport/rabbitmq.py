@@ -1,0 +1,748 @@
+"""The RabbitMQ transport: confirmed publishing, the topology, and the consumer side of ``queueable-consume``.
+
+This is the only module that imports :mod:`aio_pika`. Everything here was checked against RabbitMQ 3.10.8 and
+aio-pika 10.2 (see ``integration/test_transport.py`` and ``integration/test_consumer.py``).
+
+Topology
+========
+
+One durable direct exchange, and per work queue ``Q`` (the default queue, plus every listener's
+``queue_name``) a dead-letter queue and a set of delay queues::
+
+                       routing key = Q                    ┌──────────────────────────────────────────┐
+    dispatch() ──► [exchange "queueable", direct] ──────► │ Q   quorum, x-delivery-limit=N,          │ ◄─ workers
+                          │                               │    dead-letters to Q.dead (at-least-once)│
+                          │ routing key = Q.dead          └──────────────────────────────────────────┘
+                          ▼                                  ▲ TTL expired:          │ delivered more than N
+                   ┌─────────────┐   DeadLetter outcome:     │ back to Q via the     │ times (worker kept
+                   │   Q.dead    │ ◄── worker publishes,     │ default exchange      │ dying): the broker
+                   │   quorum    │     confirmed, then acks  │                       │ moves it itself
+                   └─────────────┘ ◄─────────────────────────┼───────────────────────┘
+                                                             │
+                   ┌──────────────────────────────┐          │
+    RetryLater ──► │ Q.delay.<ms>   one queue per │ ─────────┘
+    (worker, via   │ (Q, bucket): x-message-ttl=ms│
+    the default    │ x-expires=ms+1h, no consumer │
+    exchange)      └──────────────────────────────┘
+
+- **Work queues** are quorum queues by default (``Settings.queue_type``): durable, replicated in a cluster,
+  and ``x-delivery-limit = Settings.delivery_limit`` guards against a message that kills the worker on every
+  delivery. Past the limit the *broker* dead-letters it to ``Q.dead`` with ``x-dead-letter-strategy =
+  at-least-once`` (which needs ``x-overflow = reject-publish``; there is no max length, so nothing is
+  rejected). Such a message carries no ``x-queueable-*`` error headers, only ``x-death`` /
+  ``x-first-death-reason = "delivery_limit"``: :func:`dead_reason_of` reports it as
+  :attr:`DeadReason.DELIVERY_LIMIT`. With ``queue_type="classic"`` there is no delivery limit (classic queues
+  have none); everything else is the same.
+- **Dead-letter queues** ``Q.dead`` have the same type, no arguments, and are bound to the exchange with
+  routing key ``Q.dead`` (so a dead letter is published like any message; ``mandatory`` makes a missing DLQ a
+  publish error, and the original is then requeued, never acked).
+- **Delay queues** ``Q.delay.<ms>`` (no plugin, no head-of-line blocking): a queue per work queue and delay
+  bucket, with a per-queue ``x-message-ttl``, so every message in it expires in FIFO order and a 1 s retry is
+  never held behind a 10 min one. Expired messages dead-letter to ``Q`` through the default exchange
+  (at-least-once for quorum delay queues, so a retry is not dropped if ``Q`` is briefly unavailable). They
+  are declared on first use by the worker and re-declared at least every 30 min while in use; ``x-expires =
+  ttl + 1 h`` deletes a bucket nobody has used for an hour (never one that can still hold a message). Delays
+  are rounded *up* to a bucket of a 10-per-decade ladder (10, 13, 16, 20, 25, 32, 40, 50, 64, 80 ms, times 10 …
+  up to 6.4e8 ms ≈ 7.4 days): at most +28 % late, never early, and only the few buckets a retry policy
+  actually hits are created. A delay of 0 goes straight back to ``Q``. Retried messages are never held
+  unacked in worker memory (which would break on RabbitMQ's consumer timeout).
+
+Declaring is idempotent: the same name with the same arguments is a no-op. A queue that already exists with
+*other* arguments (say classic instead of quorum, or another delivery limit) is a
+:class:`~queueable.errors.ConfigurationError` naming the queue and the argument; RabbitMQ cannot change a
+queue's arguments in place.
+
+Publishing
+==========
+
+``publish()`` sends every message of a call concurrently on one channel in confirm mode and returns only
+when the broker has confirmed all of them: persistent (``delivery_mode=2``), ``mandatory`` (unroutable is a
+:class:`~queueable.errors.PublishError`, not a silent drop). While the robust connection is down it waits for
+it to come back and publishes again, until ``Settings.publish_timeout``; then it raises ``PublishError``. A
+message whose confirm was lost with the connection may therefore be published twice (at least once); its
+``message_id`` stays the same, so a listener can deduplicate.
+
+Passwords never appear in reprs, log lines or errors raised from here: URLs go through
+:func:`queueable.mask_url`, and text from aio-pika/aiormq exceptions is scrubbed before it is re-raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import itertools
+import logging
+import math
+import os
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import aio_pika
+import aiormq
+import aiormq.exceptions
+from pamqp.commands import Basic
+
+from queueable._consumer import DeadReason, dead_letter_queue_for
+from queueable._settings import mask_url
+from queueable._wire import H_DEAD_REASON, IncomingMessage, OutgoingMessage
+from queueable.errors import ConfigurationError, PublishError, TransportClosedError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+
+    from aio_pika.abc import (
+        AbstractIncomingMessage,
+        AbstractRobustChannel,
+        AbstractRobustConnection,
+        AbstractRobustQueue,
+    )
+
+    from queueable._settings import Settings
+
+__all__ = [
+    "DELAY_INFIX",
+    "QueueSpec",
+    "RabbitMQTransport",
+    "amqp_headers",
+    "dead_reason_of",
+    "delay_bucket_ms",
+    "delay_queue_for",
+    "delay_queue_spec",
+    "scrub",
+    "ssl_context",
+    "to_incoming",
+    "topology_for",
+]
+
+log = logging.getLogger("queueable.rabbitmq")
+
+DELAY_INFIX = ".delay."
+#: A delay queue lives this long past its TTL without being (re)declared.
+DELAY_QUEUE_GRACE_MS = 3_600_000
+#: The worker re-declares a delay queue it uses at least this often (half the grace), renewing its lease.
+DELAY_REDECLARE_S = DELAY_QUEUE_GRACE_MS / 2_000
+_MANTISSAS = (10, 12.5, 16, 20, 25, 32, 40, 50, 64, 80)
+MAX_DELAY_MS = 640_000_000  # about 7.4 days; longer delays are capped to it
+#: Delay buckets in milliseconds: 10 per decade from 10 ms to MAX_DELAY_MS.
+DELAY_BUCKETS_MS: tuple[int, ...] = tuple(
+    sorted({math.ceil(m * 10**k) for k in range(8) for m in _MANTISSAS if m * 10**k <= MAX_DELAY_MS})
+)
+_RETRY_PAUSE = 0.25  # between publish attempts while the connection recovers
+
+
+# -- pure helpers (unit-tested in tests/test_rabbitmq_units.py) --------------------------------------
+
+
+def delay_bucket_ms(delay: float) -> int:
+    """The delay bucket (ms) for ``delay`` seconds: the smallest bucket >= delay, 0 for no delay."""
+    if not delay > 0:  # also NaN
+        return 0
+    ms = math.ceil(delay * 1000 - 1e-6)
+    index = bisect.bisect_left(DELAY_BUCKETS_MS, ms)
+    return DELAY_BUCKETS_MS[min(index, len(DELAY_BUCKETS_MS) - 1)]
+
+
+def delay_queue_for(queue: str, bucket_ms: int) -> str:
+    """The name of ``queue``'s delay queue for ``bucket_ms``: ``Q.delay.<ms>``."""
+    return f"{queue}{DELAY_INFIX}{bucket_ms}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """One queue of the topology: its name, arguments, and the routing key binding it to the exchange."""
+
+    name: str
+    role: str  # "work", "dead" or "delay"
+    arguments: dict[str, Any]
+    binding: str | None  # routing key on the exchange, None for delay queues (default exchange only)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able description (for ``queueable topology declare --json``)."""
+        return {"queue": self.name, "role": self.role, "arguments": self.arguments, "binding": self.binding}
+
+
+def _dlx_arguments(settings: Settings, target: str) -> dict[str, Any]:
+    args: dict[str, Any] = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}
+    if settings.queue_type == "quorum":
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"
+    return args
+
+
+def topology_for(settings: Settings, queues: Iterable[str]) -> list[QueueSpec]:
+    """Work queue and dead-letter queue specs for ``queues`` (delay queues are declared on first use)."""
+    specs: list[QueueSpec] = []
+    for queue in dict.fromkeys(queues):
+        dead = dead_letter_queue_for(queue)
+        work_args: dict[str, Any] = {"x-queue-type": settings.queue_type}
+        if settings.queue_type == "quorum":
+            work_args["x-delivery-limit"] = settings.delivery_limit
+        work_args.update(_dlx_arguments(settings, dead))
+        specs.append(QueueSpec(queue, "work", work_args, queue))
+        specs.append(QueueSpec(dead, "dead", {"x-queue-type": settings.queue_type}, dead))
+    return specs
+
+
+def delay_queue_spec(settings: Settings, queue: str, bucket_ms: int) -> QueueSpec:
+    """The delay queue of ``queue`` for ``bucket_ms``: TTL, dead-letter back to ``queue``, self-expiring."""
+    args: dict[str, Any] = {
+        "x-queue-type": settings.queue_type,
+        "x-message-ttl": bucket_ms,
+        "x-expires": bucket_ms + DELAY_QUEUE_GRACE_MS,
+    }
+    args.update(_dlx_arguments(settings, queue))
+    return QueueSpec(delay_queue_for(queue, bucket_ms), "delay", args, None)
+
+
+def dead_reason_of(headers: Mapping[str, Any]) -> DeadReason | None:
+    """Why a message in a dead-letter queue is there.
+
+    The worker's dead letters say so in ``x-queueable-dead-reason``. A message the *broker* dead-lettered
+    because it was delivered more than ``x-delivery-limit`` times (a worker kept crashing on it) has no
+    queueable headers, only RabbitMQ's ``x-death`` entry with ``reason = "delivery_limit"`` (and
+    ``x-first-death-reason`` when that was its first death): that is :attr:`DeadReason.DELIVERY_LIMIT`.
+    ``None`` when neither applies.
+    """
+    raw = headers.get(H_DEAD_REASON)
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, str) and raw:
+        try:
+            return DeadReason(raw)
+        except ValueError:
+            return None
+    if _text(headers.get("x-first-death-reason")) == "delivery_limit":
+        return DeadReason.DELIVERY_LIMIT
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list):
+        for death in deaths:
+            if isinstance(death, dict) and _text(death.get("reason")) == "delivery_limit":
+                return DeadReason.DELIVERY_LIMIT
+    return None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+_PLAIN = (str, bool, int, float, Decimal, datetime, type(None))
+_INT64 = 2**63
+
+
+def amqp_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """``headers`` as an AMQP field table: values AMQP cannot carry become strings.
+
+    Returns ``headers`` itself when it needs no change (the usual case), so the hot path does not copy.
+    """
+    for value in headers.values():
+        if not isinstance(value, _PLAIN) or (type(value) is int and not -_INT64 <= value < _INT64):
+            break
+    else:
+        return headers if isinstance(headers, dict) else dict(headers)
+    return {str(key): _amqp_value(value) for key, value in headers.items()}
+
+
+def _amqp_value(value: Any) -> Any:  # noqa: PLR0911 - one return per AMQP type is the clearest
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -_INT64 <= value < _INT64 else str(value)
+    if isinstance(value, (str, float, Decimal, datetime, bytearray)):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return bytearray(value)
+    if isinstance(value, dict):
+        return {str(k): _amqp_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_amqp_value(v) for v in value]
+    return str(value)
+
+
+def _properties(message: OutgoingMessage) -> Basic.Properties:
+    return Basic.Properties(
+        content_type=message.content_type,
+        delivery_mode=2,
+        headers=amqp_headers(message.headers),
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        timestamp=datetime.fromtimestamp(message.timestamp, UTC),
+        message_type=message.type,
+    )
+
+
+def to_incoming(message: AbstractIncomingMessage, queue: str) -> IncomingMessage:
+    """An aio-pika delivery as the transport-independent :class:`~queueable.IncomingMessage`."""
+    stamp = message.timestamp
+    if stamp is not None and stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)  # AMQP timestamps are seconds since the epoch, UTC
+    headers = message.headers
+    return IncomingMessage(
+        queue=queue,
+        body=message.body,
+        headers=headers if isinstance(headers, dict) else dict(headers or {}),
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        timestamp=stamp.timestamp() if stamp is not None else None,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        type=message.type,
+        redelivered=bool(message.redelivered),
+    )
+
+
+_CREDENTIALS = re.compile(r"(amqps?://[^:/@\s]*:)[^@\s]*@")
+
+
+def scrub(text: str, url: str | None = None) -> str:
+    """``text`` without credentials: ``user:pass@`` in any AMQP URL, and ``url``'s password anywhere."""
+    text = _CREDENTIALS.sub(r"\1***@", text)
+    password = _password(url)
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def _password(url: str | None) -> str | None:
+    if not url:
+        return None
+    with contextlib.suppress(ValueError):
+        return aio_pika.connection.make_url(url).password
+    return None
+
+
+def _describe(exc: BaseException, url: str | None) -> str:
+    text = str(exc) or type(exc).__qualname__
+    return scrub(f"{type(exc).__name__}: {text}", url)
+
+
+def _safe_cause(exc: BaseException, url: str | None) -> BaseException | None:
+    """``exc`` if its text holds no secret, else ``None`` (so ``raise … from`` cannot leak it)."""
+    password = _password(url)
+    if not password:
+        return exc
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if password in str(current) or password in repr(current.args):
+            return None
+        current = current.__cause__ or current.__context__
+    return exc
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for an ``amqps://`` URL, from ``Settings.tls``.
+
+    Keys: ``cafile``, ``capath``, ``certfile``, ``keyfile``, ``password`` (of the key), ``verify`` (default
+    true; false disables certificate *and* host name checks, for tests only), ``server_hostname`` is not needed
+    (the URL's host is used).
+    """
+    if settings.scheme != "amqps":
+        return None
+    tls = settings.tls
+    unknown = set(tls) - {"cafile", "capath", "certfile", "keyfile", "password", "verify"}
+    if unknown:
+        msg = f"unknown TLS settings: {', '.join(sorted(unknown))}"
+        raise ConfigurationError(msg)
+    try:
+        context = ssl.create_default_context(cafile=tls.get("cafile"), capath=tls.get("capath"))
+        if tls.get("certfile"):
+            context.load_cert_chain(tls["certfile"], tls.get("keyfile"), tls.get("password"))
+    except (OSError, ssl.SSLError) as exc:
+        msg = f"invalid TLS settings: {exc}"
+        raise ConfigurationError(msg) from exc
+    if tls.get("verify", True) in (False, "0", "false", "no", "off"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# -- the transport ------------------------------------------------------------------------------------
+
+#: Failures after which the same publish is tried again once the connection is back.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ConnectionClosed,
+    aiormq.exceptions.ChannelClosed,
+    aiormq.exceptions.AMQPConnectionError,
+    ConnectionError,
+    OSError,
+)
+#: Failures that publishing again would not cure: nacked or returned (unroutable) by the broker, or a header
+#: value AMQP cannot encode.
+_PERMANENT: tuple[type[BaseException], ...] = (aiormq.exceptions.DeliveryError, TypeError)
+_PUBLISH_FAILURES = _PERMANENT + _TRANSIENT
+_CONNECT_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, TimeoutError)
+
+
+class RabbitMQTransport:
+    """Publishes queued listeners' messages to RabbitMQ, and consumes them for ``queueable-consume``.
+
+    ::
+
+        transport = RabbitMQTransport(Settings(url="amqp://guest:guest@localhost/"), queues=["queueable"])
+        await transport.publish(messages)   # connects and declares the topology on first use
+        await transport.close()
+
+    ``queues`` are the work queues whose topology (queue, dead-letter queue, bindings) is declared before the
+    first publish, once per transport. Messages for any other queue are published as they are and fail as
+    unroutable unless something else declared that queue.
+    """
+
+    def __init__(self, settings: Settings, *, queues: Iterable[str] = ()) -> None:
+        if settings.scheme not in ("amqp", "amqps"):
+            msg = f"RabbitMQTransport needs an amqp:// or amqps:// URL, got {mask_url(settings.url)}"
+            raise ConfigurationError(msg)
+        self.settings = settings
+        self.queues = list(dict.fromkeys(queues))
+        self._url = settings.url
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._consume_channel: AbstractRobustChannel | None = None
+        self._consumers: list[tuple[AbstractRobustQueue, str]] = []
+        self._connect_lock = asyncio.Lock()
+        self._declare_lock = asyncio.Lock()
+        self._declared: set[str] = set()  # work queues whose topology this process declared
+        self._delay_declared: dict[str, float] = {}  # delay queue name -> monotonic time of its declaration
+        self._closed = False
+        self._tags = itertools.count(1)
+
+    # -- connection --------------------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the connection is currently up."""
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    async def connect(self) -> None:
+        """Connect (robustly: it reconnects by itself) and declare the topology of ``queues``; idempotent.
+
+        Retries a refused or dropped connection until ``Settings.connect_timeout``; bad credentials fail at
+        once. Raises ``ConnectionError`` (scrubbed of credentials) when the broker cannot be reached.
+        """
+        if self._closed:
+            raise TransportClosedError("the RabbitMQ transport is closed")
+        if self._channel is not None and self._declared.issuperset(self.queues):
+            return
+        async with self._connect_lock:
+            if self._channel is None:
+                await self._open()
+            if not self._declared.issuperset(self.queues):
+                await self.declare_topology(self.queues)
+
+    async def _open(self) -> None:
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            try:
+                connection = await aio_pika.connect_robust(
+                    self._url,
+                    ssl_context=ssl_context(self.settings),
+                    timeout=self.settings.connect_timeout,
+                    client_properties={"connection_name": f"queueable {socket.gethostname()} pid {os.getpid()}"},
+                    reconnect_interval=1,
+                )
+                break
+            except aiormq.exceptions.ProbableAuthenticationError as exc:
+                msg = f"RabbitMQ at {mask_url(self._url)} refused the credentials: {_describe(exc, self._url)}"
+                raise ConnectionRefusedError(msg) from _safe_cause(exc, self._url)
+            except _CONNECT_FAILURES as exc:
+                if time.monotonic() >= deadline:
+                    msg = f"cannot connect to RabbitMQ at {mask_url(self._url)}: {_describe(exc, self._url)}"
+                    raise ConnectionError(msg) from _safe_cause(exc, self._url)
+                log.debug("connection to %s failed, retrying: %s", mask_url(self._url), exc)
+                await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
+        connection.reconnect_callbacks.add(self._on_reconnect)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection = connection
+        self._channel = channel
+        log.debug("connected to %s", mask_url(self._url))
+
+    def _on_reconnect(self, *_: Any) -> None:
+        # The broker may have lost non-replicated state (a fresh node): declare again before the next publish.
+        log.info("reconnected to %s", mask_url(self._url))
+        self._declared.clear()
+        self._delay_declared.clear()
+
+    async def close(self) -> None:
+        """Close the connection; publishing afterwards raises ``TransportClosedError``. Idempotent."""
+        self._closed = True
+        connection, self._connection = self._connection, None
+        self._channel = self._consume_channel = None
+        self._consumers.clear()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    # -- topology ----------------------------------------------------------------------------------
+
+    async def declare_topology(self, queues: Iterable[str] | None = None) -> list[QueueSpec]:
+        """Declare the exchange and, for each work queue, the queue, its dead-letter queue and bindings.
+
+        Idempotent. Returns what was declared. A queue that exists with other arguments raises
+        ``ConfigurationError``.
+        """
+        names = list(dict.fromkeys(self.queues if queues is None else queues))
+        specs = topology_for(self.settings, names)
+        await self._declare(specs, exchange=True)
+        self._declared.update(names)
+        return specs
+
+    async def _declare(self, specs: Sequence[QueueSpec], *, exchange: bool) -> None:
+        connection = await self._require_connection()
+        async with self._declare_lock:
+            # A channel of its own: a failed declaration closes the channel, and must not touch the publisher.
+            channel = await connection.channel(publisher_confirms=False)
+            try:
+                if exchange:
+                    await channel.declare_exchange(
+                        self.settings.exchange, aio_pika.ExchangeType.DIRECT, durable=True, robust=False
+                    )
+                for spec in specs:
+                    try:
+                        queue = await channel.declare_queue(
+                            spec.name, durable=True, arguments=spec.arguments, robust=False
+                        )
+                    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                        msg = (
+                            f"queue {spec.name!r} already exists with other arguments than queueable's "
+                            f"({exc.args[0] if exc.args else exc}). RabbitMQ cannot change them: drain and "
+                            f"delete the queue, or configure queue_type / delivery_limit to match it"
+                        )
+                        raise ConfigurationError(msg) from None
+                    if spec.binding is not None:
+                        await queue.bind(self.settings.exchange, spec.binding, robust=False)
+            finally:
+                if not channel.is_closed:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+
+    async def _require_connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            await self.connect()
+        assert self._connection is not None
+        return self._connection
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Publish ``messages`` to the exchange; return when the broker confirmed every one of them.
+
+        Raises :class:`~queueable.errors.PublishError` (with the ``message_ids`` concerned) when the broker
+        nacks or cannot route a message, or when they are not all confirmed within
+        ``Settings.publish_timeout`` (connection down the whole time, say).
+        """
+        if not messages:
+            return
+        await self._publish(self.settings.exchange, messages, None)
+
+    async def publish_retry(self, message: OutgoingMessage, delay: float) -> None:
+        """Publish ``message`` so that it reaches its work queue after ``delay`` seconds (rounded up to a
+        bucket); returns once it is confirmed in the delay queue.
+        """
+        bucket = delay_bucket_ms(delay)
+        if bucket == 0:
+            await self._publish(self.settings.exchange, (message,), None)
+            return
+        spec = delay_queue_spec(self.settings, message.queue, bucket)
+        try:
+            await self._publish("", (message,), spec)
+        except PublishError:
+            if spec.name not in self._delay_declared:
+                raise
+            # Declared earlier but gone since (deleted by hand, or a fresh node): declare again, once.
+            del self._delay_declared[spec.name]
+            await self._publish("", (message,), spec)
+
+    async def _publish(
+        self, exchange: str, messages: Sequence[OutgoingMessage], delay_spec: QueueSpec | None
+    ) -> None:
+        if self._closed:
+            raise TransportClosedError("the RabbitMQ transport is closed")
+        timeout = self.settings.publish_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                if self._channel is None or not self._declared.issuperset(self.queues):
+                    await self.connect()
+                if delay_spec is not None:
+                    await self._ensure_delay_queue(delay_spec)
+                await self._publish_confirmed(exchange, messages, delay_spec.name if delay_spec else None)
+        except TimeoutError:
+            names = ", ".join(sorted({m.queue for m in messages}))
+            state = "" if self.is_connected else f" (no connection to {mask_url(self._url)})"
+            msg = f"{len(messages)} message(s) for {names} not confirmed within {timeout:g} s{state}"
+            raise PublishError(msg, message_ids=[m.message_id for m in messages]) from None
+        except (ConnectionError, aiormq.exceptions.AMQPError) as exc:
+            if self._closed:
+                raise TransportClosedError("the RabbitMQ transport is closed") from None
+            msg = f"cannot publish to {mask_url(self._url)}: {_describe(exc, self._url)}"
+            raise PublishError(msg, message_ids=[m.message_id for m in messages]) from _safe_cause(exc, self._url)
+
+    async def _ensure_delay_queue(self, spec: QueueSpec) -> None:
+        declared = self._delay_declared.get(spec.name)
+        now = time.monotonic()
+        if declared is not None and now - declared < DELAY_REDECLARE_S:
+            return
+        await self._declare((spec,), exchange=False)
+        self._delay_declared[spec.name] = now
+
+    async def _publish_confirmed(
+        self, exchange: str, messages: Sequence[OutgoingMessage], routing_key: str | None
+    ) -> None:
+        pending: Sequence[OutgoingMessage] = messages
+        while True:
+            channel = self._channel
+            if channel is None:
+                raise TransportClosedError("the RabbitMQ transport is closed")
+            try:
+                underlay = await channel.get_underlay_channel()  # waits while the robust connection recovers
+            except _TRANSIENT:
+                await asyncio.sleep(_RETRY_PAUSE)
+                continue
+            if len(pending) == 1:
+                message = pending[0]
+                results: list[BaseException | None] = [
+                    await _publish_one(underlay, exchange, routing_key or message.queue, message)
+                ]
+            else:
+                results = list(
+                    await asyncio.gather(
+                        *(_publish_one(underlay, exchange, routing_key or m.queue, m) for m in pending)
+                    )
+                )
+            again: list[OutgoingMessage] = []
+            failed: list[tuple[OutgoingMessage, BaseException]] = []
+            for message, error in zip(pending, results, strict=True):
+                if error is None:
+                    continue
+                if isinstance(error, _PERMANENT):
+                    failed.append((message, error))
+                else:
+                    again.append(message)
+            if failed:
+                raise self._publish_error(failed, exchange, routing_key)
+            if not again:
+                return
+            log.debug("%d publish(es) interrupted by a connection failure, retrying", len(again))
+            pending = again
+            await asyncio.sleep(_RETRY_PAUSE)
+
+    def _publish_error(
+        self, failed: list[tuple[OutgoingMessage, BaseException]], exchange: str, routing_key: str | None
+    ) -> PublishError:
+        message, error = failed[0]
+        key = routing_key or message.queue
+        if isinstance(error, aiormq.exceptions.PublishError):
+            where = f"exchange {exchange!r}" if exchange else "the default exchange"
+            reason = f"unroutable: no queue is bound to {where} with routing key {key!r}"
+            if not routing_key:
+                reason += " (declare it: start the worker, or run `queueable topology declare APP`)"
+        else:
+            reason = f"the broker refused it ({_describe(error, self._url)})"
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        msg = f"message {message.message_id} for {key!r} not published: {reason}{more}"
+        exc = PublishError(msg, message_ids=[m.message_id for m, _ in failed])
+        exc.__cause__ = _safe_cause(error, self._url)
+        return exc
+
+    # -- consuming (for queueable._worker) ---------------------------------------------------------
+
+    async def start_consuming(self, queues: Sequence[str], *, prefetch: int, deliver: Callable[..., None]) -> None:
+        """Consume ``queues`` on one channel with ``prefetch`` unacked deliveries at most.
+
+        ``deliver(incoming, token)`` is called for every delivery, on the event loop; ``token`` is what
+        :meth:`ack` and :meth:`nack` take. Consumers are restored by the robust connection after a reconnect.
+        """
+        connection = await self._require_connection()
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=prefetch)
+        self._consume_channel = channel
+        host = socket.gethostname()
+        specs = {spec.name: spec for spec in topology_for(self.settings, queues)}
+        for name in queues:
+            queue = await channel.declare_queue(name, durable=True, arguments=specs[name].arguments)
+            tag = f"queueable.{host}.{os.getpid()}.{next(self._tags)}.{name}"
+            await queue.consume(_consumer_callback(name, deliver), consumer_tag=tag)
+            self._consumers.append((queue, tag))
+
+    async def stop_consuming(self) -> None:
+        """Cancel the consumers: the broker sends no more deliveries (a few may still be in flight)."""
+        consumers, self._consumers = self._consumers, []
+        for queue, tag in consumers:
+            try:
+                await asyncio.wait_for(queue.cancel(tag), 5)
+            except Exception as exc:  # a dead connection cancels them anyway
+                log.debug("cancelling consumer %s failed: %s", tag, scrub(str(exc), self._url))
+
+    @staticmethod
+    def is_held(token: Any) -> bool:
+        """Whether the delivery ``token`` is still ours to ack (its channel is open)."""
+        try:
+            return not token.channel.is_closed
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return False
+
+    @staticmethod
+    async def ack(token: Any) -> None:
+        """Acknowledge the delivery ``token``."""
+        await token.ack()
+
+    @staticmethod
+    async def nack(token: Any, *, requeue: bool = True) -> None:
+        """Negatively acknowledge the delivery ``token`` (requeued by default)."""
+        await token.nack(requeue=requeue)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("connected" if self.is_connected else "idle")
+        return (
+            f"<RabbitMQTransport {mask_url(self._url)} exchange={self.settings.exchange!r} "
+            f"queues={len(self.queues)} {state}>"
+        )
+
+
+def _consumer_callback(queue: str, deliver: Callable[..., None]) -> Callable[[AbstractIncomingMessage], Any]:
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        deliver(to_incoming(message, queue), message)
+
+    return on_message
+
+
+async def _publish_one(
+    channel: aiormq.abc.AbstractChannel, exchange: str, routing_key: str, message: OutgoingMessage
+) -> BaseException | None:
+    """Publish and wait for the confirm; the failure, if any, is returned (never raised) so that the caller
+    can tell permanent refusals from connection losses. Cancellation of the caller still propagates.
+    """
+    try:
+        await channel.basic_publish(
+            message.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=_properties(message),
+            mandatory=True,
+        )
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # aiormq cancels pending confirms when the connection drops: a connection failure, not ours.
+        return ConnectionError("connection lost before the broker confirmed the message")
+    except _PUBLISH_FAILURES as exc:
+        return exc
+    return None
