@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from queueable import __version__
+from queueable.cli.consume import consume
 
 __all__ = ["consume_main", "main"]
 
@@ -20,6 +21,9 @@ def main() -> None:
     Connection settings come from --url or QUEUEABLE_URL. APP is your application as module:attribute,
     the same object your web process imports (e.g. myproject.events:app).
     """
+
+
+main.add_command(consume)
 
 
 def consume_main() -> None:
