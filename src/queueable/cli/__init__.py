@@ -9,6 +9,8 @@ import click
 
 from queueable import __version__
 from queueable.cli.consume import consume
+from queueable.cli.dead import dead
+from queueable.cli.status import status
 
 __all__ = ["consume_main", "main"]
 
@@ -23,6 +25,8 @@ def main() -> None:
     """
 
 
+main.add_command(dead)
+main.add_command(status)
 main.add_command(consume)
 
 

@@ -1,0 +1,632 @@
+"""``queueable dead ...`` and ``queueable status`` against the real broker.
+
+Dead letters here are made by the real decision function (:class:`queueable.Processor`) from real dispatch
+messages and published to ``Q.dead`` exactly as a worker would; the broker-dead-lettered kind is made by the
+broker itself (a quorum queue's delivery limit). The CLI runs as the installed ``queueable`` console script
+where the behaviour is the process's (exit codes, ``--json``, SIGKILL); the rest drives
+:class:`queueable._deadletters.DeadLetterAdmin` directly.
+
+The module doubles as the test application: ``test_dead_cli:create_app`` (importable from ``integration/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from pydantic import BaseModel
+
+from queueable import App, Handled, Reject, RetryPolicy, Settings, event
+from queueable._consumer import DeadLetter
+from queueable._deadletters import DeadFilter, DeadLetterAdmin
+from queueable._dispatcher import build_messages
+from queueable._wire import H_ATTEMPT, H_DEAD_REASON, H_ERROR_TYPE, H_REPLAYS, IncomingMessage
+
+INTEGRATION_DIR = Path(__file__).resolve().parent
+
+# -- the test application ---------------------------------------------------------------------------------
+
+#: Listener ids that fail while they are in here (the worker side of "the bug is fixed, now replay").
+FAILING: set[str] = set()
+
+
+@event("deadtest.order_placed")
+class OrderPlaced(BaseModel):
+    id: str
+
+
+@event("deadtest.user_signed_up")
+class UserSignedUp(BaseModel):
+    id: str
+
+
+def _maybe_fail(listener_id: str, exc: Exception) -> None:
+    if listener_id in FAILING:
+        raise exc
+
+
+def send_mail(event: OrderPlaced) -> None:
+    _maybe_fail("mail", Reject(f"mail server refused {event.id}"))
+
+
+def charge(event: OrderPlaced) -> None:
+    _maybe_fail("charge", TimeoutError(f"payment gateway timed out for {event.id}"))
+
+
+def sync_crm(event: UserSignedUp) -> None:
+    _maybe_fail("crm", ValueError(f"crm rejected {event.id}"))
+
+
+def create_app() -> App:
+    """The app the CLI loads (``--app test_dead_cli:create_app``), from ``QUEUEABLE_*`` variables."""
+    app = App(settings=Settings.from_env(), default_retry=RetryPolicy.never())
+    app.add_listener(send_mail, queue=True, id="mail")
+    app.add_listener(charge, queue=True, id="charge")
+    app.add_listener(sync_crm, queue=True, id="crm")
+    return app
+
+
+# -- a private corner of the broker -----------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    url: str
+    queue: str
+    exchange: str
+    connection: aio_pika.abc.AbstractConnection
+    channel: aio_pika.abc.AbstractChannel
+
+    @property
+    def dead(self) -> str:
+        return self.queue + ".dead"
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(url=self.url, default_queue=self.queue, exchange=self.exchange)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            QUEUEABLE_URL=self.url,
+            QUEUEABLE_QUEUE=self.queue,
+            QUEUEABLE_EXCHANGE=self.exchange,
+            PYTHONPATH=str(INTEGRATION_DIR),
+        )
+        return env
+
+    def app(self) -> App:
+        app = App(settings=self.settings, default_retry=RetryPolicy.never())
+        app.add_listener(send_mail, queue=True, id="mail")
+        app.add_listener(charge, queue=True, id="charge")
+        app.add_listener(sync_crm, queue=True, id="crm")
+        return app
+
+    def admin(self) -> DeadLetterAdmin:
+        return DeadLetterAdmin(self.settings, [self.queue])
+
+    async def kill(
+        self, events: list[BaseModel], listener_ids: set[str], *, clock: float | None = None
+    ) -> list[str]:
+        """Dispatch ``events``, let the listeners in ``listener_ids`` fail, dead-letter like a worker does.
+
+        Returns the message ids of the dead letters, in the order they were dead-lettered.
+        """
+        app = self.app()
+        processor = app.processor(clock=(lambda: clock) if clock is not None else time.time)
+        ids = []
+        FAILING.update(listener_ids)
+        try:
+            for ev in events:
+                listeners = [entry for entry in app.provider.listeners_for(ev) if entry.queue]
+                for out in build_messages(ev, listeners):
+                    incoming = IncomingMessage(
+                        queue=out.queue,
+                        body=out.body,
+                        headers=out.headers,
+                        message_id=out.message_id,
+                        correlation_id=out.correlation_id,
+                        timestamp=out.timestamp,
+                        content_type=out.content_type,
+                        type=out.type,
+                    )
+                    outcome = await processor.process(incoming)
+                    if isinstance(outcome, DeadLetter):
+                        await self.publish_dead(outcome.message)
+                        ids.append(outcome.message.message_id)
+        finally:
+            FAILING.difference_update(listener_ids)
+        return ids
+
+    async def publish_dead(self, out: Any) -> None:
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                out.body,
+                headers=out.headers,
+                message_id=out.message_id,
+                correlation_id=out.correlation_id,
+                content_type=out.content_type,
+                timestamp=int(out.timestamp),
+                type=out.type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=out.queue,
+            mandatory=True,
+        )
+
+    async def ready(self, queue: str) -> int:
+        channel = await self.connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return declared.declaration_result.message_count or 0
+        finally:
+            await channel.close()
+
+    async def drain(self, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Take every message out of ``queue`` for good (ack), in queue order."""
+        channel = await self.connection.channel()
+        q = await channel.declare_queue(queue, passive=True)
+        out = []
+        while (message := await q.get(no_ack=False, fail=False)) is not None:
+            await message.ack()
+            out.append(message)
+        await channel.close()
+        return out
+
+    async def settled(self, queue: str, expected: int, timeout: float = 5.0) -> int:
+        """The ready count once it stops changing (or reaches ``expected``)."""
+        deadline = time.monotonic() + timeout
+        count = await self.ready(queue)
+        while count != expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            count = await self.ready(queue)
+        return count
+
+
+@pytest.fixture(name="world", params=["quorum", "classic"])
+async def fixture_world(amqp_url: str, unique: str, request: pytest.FixtureRequest) -> Any:
+    """Exchange, work queue and dead-letter queue laid out like the RabbitMQ transport's topology."""
+    queue_type = request.param
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    queue, exchange = f"{unique}.q", f"{unique}.x"
+    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    work_args: dict[str, Any] = {
+        "x-queue-type": queue_type,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue + ".dead",
+    }
+    if queue_type == "quorum":
+        work_args.update(
+            {"x-delivery-limit": 1, "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+        )
+    work = await channel.declare_queue(queue, durable=True, arguments=work_args)
+    await work.bind(ex, routing_key=queue)
+    dead = await channel.declare_queue(queue + ".dead", durable=True, arguments={"x-queue-type": queue_type})
+    await dead.bind(ex, routing_key=queue + ".dead")
+    yield World(amqp_url, queue, exchange, connection, channel)
+    cleanup = await connection.channel()
+    for name in (queue, queue + ".dead"):
+        await cleanup.queue_delete(name)
+    await cleanup.exchange_delete(exchange)
+    await connection.close()
+
+
+@pytest.fixture(name="quorum_world")
+async def fixture_quorum_world(amqp_url: str, unique: str) -> Any:
+    """Only the quorum layout (the default), for tests whose point is not the queue type."""
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    queue, exchange = f"{unique}.q", f"{unique}.x"
+    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+    work = await channel.declare_queue(
+        queue,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": 1,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue + ".dead",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+    await work.bind(ex, routing_key=queue)
+    dead = await channel.declare_queue(queue + ".dead", durable=True, arguments={"x-queue-type": "quorum"})
+    await dead.bind(ex, routing_key=queue + ".dead")
+    yield World(amqp_url, queue, exchange, connection, channel)
+    cleanup = await connection.channel()
+    for name in (queue, queue + ".dead"):
+        await cleanup.queue_delete(name)
+    await cleanup.exchange_delete(exchange)
+    await connection.close()
+
+
+def cli(world: World, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``queueable`` console script."""
+    script = Path(sys.executable).with_name("queueable")
+    return subprocess.run(
+        [str(script), *args],
+        env=world.env,
+        cwd=INTEGRATION_DIR,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+async def order_of(world: World, queue: str) -> list[str | None]:
+    """The message ids in ``queue``, in order, read destructively (the final word on order)."""
+    return [m.message_id for m in await world.drain(queue)]
+
+
+# -- list and show ---------------------------------------------------------------------------------------------
+
+
+async def test_list_and_show_leave_count_and_order_unchanged(world: World) -> None:
+    """Listing (with and without --limit) and showing, repeatedly, leave the dead letters in place and in order."""
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(6)], {"mail", "charge"})
+    assert len(ids) == 12
+    for args in (["dead", "list", "--json"], ["dead", "list", "--limit", "2"], ["dead", "show", ids[5]]):
+        for _ in range(2):
+            result = await asyncio.to_thread(cli, world, *args)
+            assert result.returncode == 0, result.stderr
+            assert await world.ready(world.dead) == 12
+    listed = json_lines((await asyncio.to_thread(cli, world, "dead", "list", "--json")).stdout)
+    assert [row["id"] for row in listed] == ids
+    assert await order_of(world, world.dead) == ids
+
+
+async def test_list_json_and_show_describe_the_dead_letter(quorum_world: World) -> None:
+    """--json is one object per line with the recorded error; show prints error, traceback and the body."""
+    world = quorum_world
+    [mail_id, charge_id] = await world.kill([OrderPlaced(id="o1")], {"mail", "charge"})
+    rows = json_lines((await asyncio.to_thread(cli, world, "dead", "list", "--json")).stdout)
+    by_id = {row["id"]: row for row in rows}
+    assert by_id[mail_id]["reason"] == "rejected"
+    assert by_id[mail_id]["listener"] == "mail"
+    assert by_id[mail_id]["error"] == "mail server refused o1"
+    assert by_id[charge_id]["error_type"] == "TimeoutError"
+    assert by_id[charge_id]["event"] == "deadtest.order_placed"
+    assert by_id[charge_id]["original_queue"] == world.queue
+
+    shown = await asyncio.to_thread(cli, world, "dead", "show", charge_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "payment gateway timed out for o1" in shown.stdout
+    assert "Traceback (most recent call last)" in shown.stdout
+    assert '"id": "o1"' in shown.stdout  # the body, pretty-printed
+    detail = json_lines((await asyncio.to_thread(cli, world, "dead", "show", charge_id, "--json")).stdout)
+    assert detail[0]["headers"][H_ERROR_TYPE] == "TimeoutError"
+    assert detail[0]["body"] == '{"id":"o1"}'
+
+
+async def test_unknown_id_and_unreachable_broker_are_one_line_errors(quorum_world: World) -> None:
+    """An unknown id exits 4, a dead broker exits 3, a bad --since exits 2: each one line, no traceback."""
+    world = quorum_world
+    missing = await asyncio.to_thread(cli, world, "dead", "show", "nope")
+    assert missing.returncode == 4
+    assert missing.stderr.startswith("error: no dead letter with id nope")
+    assert "Traceback" not in missing.stderr
+    down = await asyncio.to_thread(cli, world, "dead", "list", "--url", "amqp://guest:secret@127.0.0.1:1/")
+    assert down.returncode == 3, down.stderr
+    assert down.stderr.startswith("error: broker unreachable")
+    assert "secret" not in down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1
+    bad = await asyncio.to_thread(cli, world, "dead", "list", "--since", "yesterday-ish")
+    assert bad.returncode == 2
+    assert "--since" in bad.stderr
+
+
+async def test_filters_select_exactly_the_matching_letters(quorum_world: World) -> None:
+    """--listener, --event, --error, --since, --limit and --group-by select and count exactly the right ones."""
+    world = quorum_world
+    old = time.time() - 3 * 3600
+    old_ids = await world.kill([OrderPlaced(id="old")], {"mail", "charge"}, clock=old)
+    orders = await world.kill([OrderPlaced(id="a"), OrderPlaced(id="b")], {"mail", "charge"})
+    users = await world.kill([UserSignedUp(id="u")], {"crm"})
+    everything = old_ids + orders + users
+
+    async def listed(*args: str) -> list[str]:
+        result = await asyncio.to_thread(cli, world, "dead", "list", "--json", *args)
+        assert result.returncode == 0, result.stderr
+        return [row["id"] for row in json_lines(result.stdout)]
+
+    assert await listed() == everything
+    assert await listed("--listener", "mail") == [everything[0], everything[2], everything[4]]
+    assert await listed("--listener", "c*") == [everything[1], everything[3], everything[5], everything[6]]
+    assert await listed("--event", "deadtest.user_*") == users
+    assert await listed("--error", "TimeoutError") == [everything[1], everything[3], everything[5]]
+    assert await listed("--error", "queueable.errors.Reject", "--event", "deadtest.order_placed") == [
+        everything[0],
+        everything[2],
+        everything[4],
+    ]
+    assert await listed("--since", "1h") == orders + users
+    assert await listed("--since", "1h", "--limit", "2") == orders[:2]
+    grouped = json_lines(
+        (await asyncio.to_thread(cli, world, "dead", "list", "--group-by", "listener", "--json")).stdout
+    )
+    assert grouped == [
+        {"listener": "charge", "count": 3},
+        {"listener": "mail", "count": 3},
+        {"listener": "crm", "count": 1},
+    ]
+    assert await world.ready(world.dead) == len(everything)
+
+
+# -- replay ----------------------------------------------------------------------------------------------------
+
+
+async def test_replay_subset_moves_exactly_that_subset_and_a_consumer_handles_it(world: World) -> None:
+    """Replaying --listener charge moves only those letters (attempt 1, replays 1), the rest stay in order."""
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(4)], {"mail", "charge"})
+    charge_ids = ids[1::2]
+    result = await asyncio.to_thread(cli, world, "dead", "replay", "--all", "--listener", "charge", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = json_lines(result.stdout)
+    assert [line["id"] for line in lines if line.get("action") == "replayed"] == charge_ids
+    assert lines[-1] == {"summary": "replayed", "count": 4, "queues": {world.queue: 4}}
+
+    assert await order_of(world, world.dead) == ids[0::2]
+    assert await world.settled(world.queue, 4) == 4
+    replayed = await world.drain(world.queue)
+    assert [m.message_id for m in replayed] == charge_ids
+    processor = world.app().processor()
+    for message in replayed:
+        headers = dict(message.headers or {})
+        assert headers[H_ATTEMPT] == 1
+        assert headers[H_REPLAYS] == 1
+        assert H_DEAD_REASON not in headers
+        assert H_ERROR_TYPE not in headers
+        incoming = IncomingMessage(
+            queue=world.queue,
+            body=message.body,
+            headers=headers,
+            message_id=message.message_id,
+            content_type=message.content_type,
+        )
+        assert isinstance(await processor.process(incoming), Handled)  # the bug is fixed: the worker handles it
+
+
+async def test_replay_by_id_and_unknown_id(quorum_world: World) -> None:
+    """Replaying named ids moves those; an unknown id among them exits 4 after moving the known ones."""
+    world = quorum_world
+    ids = await world.kill([OrderPlaced(id="x"), OrderPlaced(id="y")], {"mail"})
+    result = await asyncio.to_thread(cli, world, "dead", "replay", ids[1], "missing-id")
+    assert result.returncode == 4
+    assert "missing-id" in result.stderr
+    assert "replayed 1 dead letter" in result.stdout
+    assert await order_of(world, world.dead) == [ids[0]]
+    assert await world.settled(world.queue, 1) == 1
+    usage = await asyncio.to_thread(cli, world, "dead", "replay")
+    assert usage.returncode == 2
+
+
+async def test_replay_dry_run_reports_what_would_fail_and_moves_nothing(quorum_world: World) -> None:
+    """--dry-run with the app validates payloads: a bad body is reported as failing again; nothing moves."""
+    world = quorum_world
+    good = await world.kill([OrderPlaced(id="good")], {"mail"})
+    # A letter whose body no longer matches the model (as if the event schema changed since).
+    app = world.app()
+    [entry] = [e for e in app.provider.listeners if e.id == "charge"]
+    [out] = build_messages(OrderPlaced(id="bad"), [entry], body=b'{"identifier": 7}')
+    FAILING.add("charge")
+    try:
+        outcome = await app.processor().process(
+            IncomingMessage(queue=world.queue, body=out.body, headers=out.headers, message_id=out.message_id)
+        )
+    finally:
+        FAILING.discard("charge")
+    assert isinstance(outcome, DeadLetter)
+    await world.publish_dead(outcome.message)
+
+    result = await asyncio.to_thread(
+        cli, world, "dead", "replay", "--all", "--dry-run", "--app", "test_dead_cli:create_app", "--json"
+    )
+    assert result.returncode == 1, result.stderr
+    verdicts = {row["id"]: row for row in json_lines(result.stdout)}
+    assert verdicts[good[0]]["would"] == "run"
+    assert verdicts[out.message_id]["would"] == "fail"
+    assert verdicts[out.message_id]["reason"] == "schema"
+    assert await world.ready(world.dead) == 2
+    assert await world.ready(world.queue) == 0
+    no_app = await asyncio.to_thread(cli, world, "dead", "replay", "--all", "--dry-run")
+    assert no_app.returncode == 2
+
+
+async def test_sigkilled_replay_loses_nothing(quorum_world: World) -> None:
+    """A replay SIGKILLed midway leaves every letter in Q.dead or Q: nothing lost, at most one duplicate."""
+    world = quorum_world
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(30)], {"mail"})
+    assert len(ids) == 30
+    script = Path(sys.executable).with_name("queueable")
+    proc = subprocess.Popen(
+        [str(script), "dead", "replay", "--all", "--rate", "20"],
+        env=world.env,
+        cwd=INTEGRATION_DIR,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while await world.ready(world.queue) < 8:
+            assert time.monotonic() < deadline, "the replay did not start"
+            await asyncio.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    await asyncio.sleep(0.5)
+    in_work = await world.drain(world.queue)
+    in_dead = await world.drain(world.dead)
+    seen = [m.message_id for m in in_work + in_dead]
+    assert set(seen) == set(ids), "a dead letter was lost"
+    assert len(seen) - len(set(seen)) <= 1
+    assert 8 <= len(in_work) < 30
+
+
+# -- purge -----------------------------------------------------------------------------------------------------
+
+
+async def test_purge_removes_only_what_matches_and_needs_yes(world: World) -> None:
+    """purge without --yes refuses; with it, deletes only the matching letters, says how many, keeps order."""
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(3)] + [UserSignedUp(id="u")], {"mail", "crm"})
+    refused = await asyncio.to_thread(cli, world, "dead", "purge", "--all", "--listener", "mail")
+    assert refused.returncode == 2
+    assert "--yes" in refused.stderr
+    assert await world.ready(world.dead) == 4
+    result = await asyncio.to_thread(cli, world, "dead", "purge", "--all", "--listener", "mail", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("purged 3 dead letters")
+    assert await order_of(world, world.dead) == [ids[3]]
+
+
+# -- export / import -----------------------------------------------------------------------------------------
+
+
+async def test_export_then_import_round_trips_byte_for_byte(quorum_world: World, tmp_path: Path) -> None:
+    """Body, headers (every AMQP type, x-death included) and properties survive export, purge and import."""
+    world = quorum_world
+    await world.kill([OrderPlaced(id="o1")], {"mail"})
+    # Headers of every type a table can hold, and a non-UTF-8 body.
+    await world.channel.default_exchange.publish(
+        aio_pika.Message(
+            b"\xff\x00binary",
+            headers={
+                "s": "text",
+                "i": 7,
+                "big": 2**40,
+                "f": 0.5,
+                "b": True,
+                "n": None,
+                "raw": bytearray(b"\x00\xff"),
+                "when": aio_pika.message.encode_timestamp(1_700_000_000),
+                "dec": Decimal("1.25"),
+                "list": [1, "two", {"three": 3}],
+                "table": {"$bytes": "not a tag"},
+            },
+            message_id="exotic",
+            correlation_id="corr-1",
+            content_type="application/octet-stream",
+            content_encoding="gzip",
+            timestamp=1_700_000_001,
+            type="custom.type",
+            app_id="someapp",
+            priority=3,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
+        routing_key=world.dead,
+    )
+    # A letter the broker dead-lettered itself (delivery limit 1: delivered twice, nacked twice).
+    await world.channel.default_exchange.publish(
+        aio_pika.Message(b'{"id":"k"}', message_id="killer", delivery_mode=2), routing_key=world.queue
+    )
+    work = await world.channel.declare_queue(world.queue, passive=True)
+    for _ in range(2):
+        message = None
+        deadline = time.monotonic() + 5
+        while message is None and time.monotonic() < deadline:
+            message = await work.get(no_ack=False, fail=False)
+        assert message is not None
+        await message.nack(requeue=True)
+    assert await world.settled(world.dead, 3) == 3
+
+    async with world.admin() as admin:
+        before = await admin.browse()
+    killer = next(m for m in before if m.message_id == "killer")
+    assert killer.reason == "delivery_limit"
+    assert "x-death" in killer.headers
+
+    first = tmp_path / "first.jsonl"
+    exported = await asyncio.to_thread(cli, world, "dead", "export", "--output", str(first))
+    assert exported.returncode == 0, exported.stderr
+    assert "exported 3 dead letters" in exported.stderr
+    assert len(first.read_text().splitlines()) == 3
+    purged = await asyncio.to_thread(cli, world, "dead", "purge", "--all", "--yes")
+    assert purged.returncode == 0, purged.stderr
+    assert await world.ready(world.dead) == 0
+    imported = await asyncio.to_thread(cli, world, "dead", "import", str(first))
+    assert imported.returncode == 0, imported.stderr
+    assert await world.settled(world.dead, 3) == 3
+
+    second = tmp_path / "second.jsonl"
+    assert (await asyncio.to_thread(cli, world, "dead", "export", "-o", str(second))).returncode == 0
+    assert second.read_bytes() == first.read_bytes()
+    async with world.admin() as admin:
+        after = await admin.browse()
+    assert [(m.body, dict(m.headers), dict(m.properties)) for m in after] == [
+        (m.body, dict(m.headers), dict(m.properties)) for m in before
+    ]
+    exotic = next(m for m in after if m.message_id == "exotic")
+    assert exotic.headers["raw"] == b"\x00\xff"
+    assert exotic.headers["table"] == {"$bytes": "not a tag"}
+    assert exotic.properties["timestamp"] == 1_700_000_001
+    assert exotic.properties["correlation_id"] == "corr-1"
+
+
+# -- status ----------------------------------------------------------------------------------------------------
+
+
+async def test_status_reports_ready_and_consumers(quorum_world: World) -> None:
+    """status shows the work and dead-letter queues with ready counts and consumers; unacked is n/a."""
+    world = quorum_world
+    await world.kill([OrderPlaced(id="o1")], {"mail", "charge"})
+    consumer_channel = await world.connection.channel()
+    work = await consumer_channel.declare_queue(world.queue, passive=True)
+
+    async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        pass
+
+    tag = await work.consume(ignore)
+    try:
+        result = await asyncio.to_thread(cli, world, "status", "--json")
+    finally:
+        await work.cancel(tag)
+        await consumer_channel.close()
+    assert result.returncode == 0, result.stderr
+    rows = {row["queue"]: row for row in json_lines(result.stdout)}
+    assert rows[world.dead] == {
+        "queue": world.dead,
+        "kind": "dead",
+        "exists": True,
+        "ready": 2,
+        "unacked": None,
+        "consumers": 0,
+    }
+    assert rows[world.queue]["consumers"] == 1
+    assert rows[world.queue]["kind"] == "work"
+    human = await asyncio.to_thread(cli, world, "status", "--queue", world.queue, "--queue", "absent")
+    assert human.returncode == 0, human.stderr
+    assert "missing" in human.stdout
+    assert "2 dead letters" in human.stderr
+
+
+async def test_admin_replay_stops_on_an_unroutable_queue(quorum_world: World) -> None:
+    """A replay whose work queue is gone fails with PublishError and leaves the letter in Q.dead."""
+    world = quorum_world
+    [dead_id] = await world.kill([UserSignedUp(id="u")], {"crm"})
+    work = await world.channel.declare_queue(world.queue, passive=True)
+    await work.unbind(world.exchange, routing_key=world.queue)
+    from queueable.errors import PublishError  # noqa: PLC0415
+
+    async with world.admin() as admin:
+        with pytest.raises(PublishError, match="not confirmed"):
+            await admin.replay(DeadFilter())
+    assert await order_of(world, world.dead) == [dead_id]
+    assert await world.ready(world.queue) == 0
