@@ -1,0 +1,294 @@
+"""RabbitMQTransport against the real broker: confirms, mandatory routing, topology, delay queues, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import aio_pika
+import pytest
+
+from queueable import ConfigurationError, OutgoingMessage, PublishError, Settings, TransportClosedError
+from queueable._wire import H_LISTENER
+from queueable.transport.rabbitmq import (
+    DELAY_QUEUE_GRACE_MS,
+    RabbitMQTransport,
+    dead_reason_of,
+    delay_bucket_ms,
+    delay_queue_for,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+
+@pytest.fixture(name="settings")
+def fixture_settings(amqp_url: str, unique: str) -> Settings:
+    """Settings with a private exchange and default queue for this test."""
+    return Settings(url=amqp_url, exchange=unique, default_queue=unique, publish_timeout=5.0)
+
+
+@pytest.fixture(name="admin")
+async def fixture_admin(amqp_url: str, unique: str) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    """A plain connection for looking at queues; deletes this test's queues and exchange afterwards."""
+    connection = await aio_pika.connect(amqp_url)
+    yield connection
+    channel = await connection.channel()
+    for suffix in ("", ".dead", ".other", ".other.dead", *(f".delay.{ms}" for ms in (320, 400, 500, 640))):
+        try:
+            await channel.queue_delete(unique + suffix)
+        except aio_pika.exceptions.AMQPError:
+            channel = await connection.channel()
+    with contextlib.suppress(aio_pika.exceptions.AMQPError):
+        await channel.exchange_delete(unique)
+    await connection.close()
+
+
+@pytest.fixture(name="transport")
+async def fixture_transport(settings: Settings, unique: str) -> AsyncIterator[RabbitMQTransport]:
+    """A transport for this test's queue, closed afterwards."""
+    transport = RabbitMQTransport(settings, queues=[unique])
+    yield transport
+    await transport.close()
+
+
+def message(queue: str, body: bytes = b'{"n": 1}', **headers: object) -> OutgoingMessage:
+    """An outgoing message for ``queue`` with a listener header."""
+    return OutgoingMessage(queue=queue, body=body, headers={H_LISTENER: "tests:listener", **headers})
+
+
+async def drain(connection: aio_pika.abc.AbstractConnection, queue: str, *, timeout: float = 5.0) -> list:
+    """Every message currently in ``queue`` (acked), waiting up to ``timeout`` for the first one."""
+    channel = await connection.channel()
+    declared = await channel.declare_queue(queue, passive=True)
+    got = []
+    deadline = time.monotonic() + timeout
+    while True:
+        incoming = await declared.get(fail=False, no_ack=True)
+        if incoming is not None:
+            got.append(incoming)
+            continue
+        if got or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    await channel.close()
+    return got
+
+
+async def test_publish_returns_after_confirm_and_message_is_persistent(transport, admin, unique):
+    """A published message is in the work queue, persistent, with its id, headers and content type."""
+    sent = message(unique, extra="value")
+    await transport.publish([sent])
+    [got] = await drain(admin, unique)
+    assert got.body == sent.body
+    assert got.message_id == sent.message_id
+    assert got.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert got.content_type == "application/json"
+    assert got.headers["extra"] == "value"
+    assert got.headers[H_LISTENER] == "tests:listener"
+    assert abs(got.timestamp.timestamp() - sent.timestamp) < 1.5
+
+
+async def test_publish_many_concurrently_all_confirmed(transport, admin, unique):
+    """A hundred messages published in one call are all in the queue when publish returns."""
+    sent = [message(unique, body=b'{"n": %d}' % i) for i in range(100)]
+    started = time.perf_counter()
+    await transport.publish(sent)
+    elapsed = time.perf_counter() - started
+    got = await drain(admin, unique)
+    assert sorted(m.message_id for m in got) == sorted(m.message_id for m in sent)
+    assert elapsed < 3.0  # concurrent: far below 100 sequential confirm round trips on a slow broker
+
+
+async def test_unroutable_message_raises_publish_error(transport, unique):
+    """A message for a queue nobody declared is an error at the emitter, naming the message."""
+    lost = message(unique + ".nowhere")
+    with pytest.raises(PublishError, match="unroutable") as caught:
+        await transport.publish([lost])
+    assert caught.value.message_ids == [lost.message_id]
+
+
+async def test_mixed_batch_reports_only_the_unroutable(transport, admin, unique):
+    """In a batch with one unroutable message, the others are confirmed and the error names only that one."""
+    good = [message(unique) for _ in range(3)]
+    bad = message(unique + ".nowhere")
+    with pytest.raises(PublishError) as caught:
+        await transport.publish([*good, bad])
+    assert caught.value.message_ids == [bad.message_id]
+    got = await drain(admin, unique)
+    assert {m.message_id for m in got} == {m.message_id for m in good}
+
+
+async def test_topology_declare_is_idempotent(transport, admin, unique):
+    """Declaring twice is fine and yields the work queue, its dead-letter queue and bindings."""
+    first = await transport.declare_topology()
+    second = await transport.declare_topology()
+    assert [s.name for s in first] == [unique, unique + ".dead"] == [s.name for s in second]
+    assert first[0].arguments["x-queue-type"] == "quorum"
+    assert first[0].arguments["x-delivery-limit"] == 20
+    assert first[0].arguments["x-dead-letter-routing-key"] == unique + ".dead"
+    # The dead-letter queue is bound to the exchange: a message for it is routable.
+    await transport.publish([message(unique + ".dead")])
+    assert len(await drain(admin, unique + ".dead")) == 1
+
+
+async def test_declare_conflicting_queue_type_is_configuration_error(transport, settings, unique):
+    """A queue that exists as quorum cannot be declared classic: a clear ConfigurationError, not a hang."""
+    await transport.declare_topology()
+    classic = RabbitMQTransport(settings.merged(queue_type="classic"), queues=[unique])
+    try:
+        with pytest.raises(ConfigurationError, match=unique):
+            await classic.declare_topology()
+        # Publishing first declares the topology, so it reports the same conflict.
+        with pytest.raises(ConfigurationError):
+            await classic.publish([message(unique)])
+    finally:
+        await classic.close()
+
+
+async def test_classic_topology(amqp_url, admin, unique):
+    """queue_type='classic' declares classic queues without a delivery limit, and publishing works."""
+    settings = Settings(url=amqp_url, exchange=unique, default_queue=unique, queue_type="classic")
+    transport = RabbitMQTransport(settings, queues=[unique])
+    try:
+        specs = await transport.declare_topology()
+        assert specs[0].arguments["x-queue-type"] == "classic"
+        assert "x-delivery-limit" not in specs[0].arguments
+        await transport.publish([message(unique)])
+        assert len(await drain(admin, unique)) == 1
+    finally:
+        await transport.close()
+
+
+async def test_retry_goes_through_delay_queue(transport, admin, unique):
+    """publish_retry parks the message in Q.delay.<ms> and it reaches Q after the delay, not before."""
+    await transport.connect()
+    sent = message(unique)
+    started = time.monotonic()
+    await transport.publish_retry(sent, 0.3)
+    channel = await admin.channel()
+    queue = await channel.declare_queue(unique, passive=True)
+    assert await queue.get(fail=False) is None  # not yet
+    [got] = await drain(admin, unique)
+    elapsed = time.monotonic() - started
+    assert got.message_id == sent.message_id
+    assert 0.3 <= elapsed < 3.0
+    death = got.headers["x-death"][0]
+    assert death["queue"] == delay_queue_for(unique, delay_bucket_ms(0.3))
+    assert death["reason"] == "expired"
+
+
+async def test_short_retry_is_not_blocked_behind_long_one(transport, admin, unique):
+    """A 0.3 s retry published after a 0.6 s one arrives first (one queue per delay bucket)."""
+    await transport.connect()
+    slow, fast = message(unique, body=b'"slow"'), message(unique, body=b'"fast"')
+    await transport.publish_retry(slow, 0.6)
+    await transport.publish_retry(fast, 0.3)
+    channel = await admin.channel()
+    queue = await channel.declare_queue(unique, passive=True)
+    order = []
+    deadline = time.monotonic() + 5
+    while len(order) < 2 and time.monotonic() < deadline:
+        got = await queue.get(fail=False, no_ack=True)
+        if got is None:
+            await asyncio.sleep(0.02)
+        else:
+            order.append(got.body)
+    assert order == [b'"fast"', b'"slow"']
+
+
+async def test_delay_queue_recreated_when_deleted(transport, admin, unique):
+    """A delay queue deleted behind the transport's back is declared again on the next retry."""
+    await transport.connect()
+    await transport.publish_retry(message(unique), 0.3)
+    assert len(await drain(admin, unique)) == 1
+    channel = await admin.channel()
+    await channel.queue_delete(delay_queue_for(unique, delay_bucket_ms(0.3)))
+    await transport.publish_retry(message(unique), 0.3)
+    assert len(await drain(admin, unique)) == 1
+
+
+async def test_delay_queue_arguments(transport, admin, unique):
+    """The delay queue expires unused, with a lease longer than its TTL (a parked message is never lost)."""
+    await transport.connect()
+    await transport.publish_retry(message(unique), 0.5)
+    channel = await admin.channel()
+    # Same arguments: a no-op redeclare; different x-expires would fail with PRECONDITION_FAILED.
+    await channel.declare_queue(
+        delay_queue_for(unique, 500),
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-message-ttl": 500,
+            "x-expires": 500 + DELAY_QUEUE_GRACE_MS,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": unique,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+    assert len(await drain(admin, unique)) == 1
+
+
+async def test_unreachable_broker_raises_publish_error_within_timeout(unique):
+    """With nothing listening, publish raises PublishError after the timeout instead of reporting success."""
+    settings = Settings(
+        url="amqp://guest:guest@127.0.0.1:1/", default_queue=unique, publish_timeout=1.0, connect_timeout=0.5
+    )
+    transport = RabbitMQTransport(settings, queues=[unique])
+    started = time.monotonic()
+    with pytest.raises(PublishError) as caught:
+        await transport.publish([message(unique)])
+    assert time.monotonic() - started < 3.0
+    assert caught.value.message_ids
+    await transport.close()
+
+
+async def test_password_never_in_errors_or_repr(amqp_url, unique):
+    """A refused login names the masked URL; the password is in no message, cause or repr."""
+    secret = "s3cr3t-pw-xyz"  # noqa: S105 - a wrong password on purpose
+    url = amqp_url.replace("guest:guest@", f"guest:{secret}@")
+    transport = RabbitMQTransport(Settings(url=url, default_queue=unique, publish_timeout=5), queues=[unique])
+    assert secret not in repr(transport)
+    assert "guest:***@" in repr(transport)
+    with pytest.raises(PublishError) as caught:
+        await transport.publish([message(unique)])
+    error: BaseException | None = caught.value
+    while error is not None:
+        assert secret not in str(error)
+        assert secret not in repr(error.args)
+        error = error.__cause__ or error.__context__
+    await transport.close()
+
+
+async def test_closed_transport_refuses_to_publish(transport, unique):
+    """After close(), publish raises TransportClosedError."""
+    await transport.publish([message(unique)])
+    await transport.close()
+    with pytest.raises(TransportClosedError):
+        await transport.publish([message(unique)])
+
+
+async def test_delivery_limit_dead_letters_are_recognisable(amqp_url, admin, unique):
+    """A message the broker dead-lettered for its delivery limit is reported as DELIVERY_LIMIT."""
+    settings = Settings(url=amqp_url, exchange=unique, default_queue=unique, delivery_limit=2)
+    transport = RabbitMQTransport(settings, queues=[unique])
+    try:
+        await transport.publish([message(unique)])
+        channel = await admin.channel()
+        queue = await channel.declare_queue(unique, passive=True)
+        for _ in range(3):  # delivered, requeued 3 times: over the limit of 2 redeliveries
+            got = None
+            deadline = time.monotonic() + 5
+            while got is None and time.monotonic() < deadline:
+                got = await queue.get(fail=False)
+                if got is None:
+                    await asyncio.sleep(0.05)
+            assert got is not None
+            await got.nack(requeue=True)
+        [dead] = await drain(admin, unique + ".dead")
+        assert dead_reason_of(dead.headers) == "delivery_limit"
+    finally:
+        await transport.close()
