@@ -66,14 +66,15 @@ def close_scope(
     """Stop buffering; return the messages the caller must deliver itself (none if a parent takes them).
 
     With ``keep=False`` the buffer is discarded. Otherwise an enclosing scope that accepts the same dispatcher
-    takes the messages over (a nested scope flushes with the outermost one).
+    takes the messages over (a nested scope flushes with the outermost one). A scope without an owner (an
+    outbox, bound to one database transaction) always delivers its messages itself.
     """
     _scope.reset(token)
     messages, scope.messages = scope.messages, []
     if not keep:
         return []
     parent = scope.parent
-    if parent is not None and (scope.owner is None or parent.accepts(scope.owner)):
+    if parent is not None and scope.owner is not None and parent.accepts(scope.owner):
         parent.messages.extend(messages)
         return []
     return messages

@@ -10,6 +10,7 @@ import click
 from queueable import __version__
 from queueable.cli.consume import consume
 from queueable.cli.dead import dead
+from queueable.cli.relay import relay
 from queueable.cli.status import status
 
 __all__ = ["consume_main", "main"]
@@ -28,6 +29,7 @@ def main() -> None:
 main.add_command(dead)
 main.add_command(status)
 main.add_command(consume)
+main.add_command(relay)
 
 
 def consume_main() -> None:

@@ -1,0 +1,161 @@
+"""``queueable relay APP --db URL``: publish the transactional outbox's rows to RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import TYPE_CHECKING
+
+import click
+
+from queueable._settings import mask_url
+from queueable.cli._common import app_argument, cli_errors, configure_logging, resolve_settings, url_option
+from queueable.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from queueable.outbox import Relay
+
+__all__ = ["relay"]
+
+log = logging.getLogger("queueable.relay")
+
+
+@click.command(
+    "relay",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="""\b
+Examples:
+  queueable relay myproject.events:app --db postgresql+psycopg://app@db/app
+  queueable relay myproject.events:app --db sqlite:///app.db --once      # drain, then exit
+
+\b
+Exit codes: 0 stopped cleanly (signal, or --once drained the outbox), 3 broker unreachable,
+5 the app or the database URL is misconfigured.""",
+)
+@app_argument(required=True)
+@click.option(
+    "--db",
+    envvar="QUEUEABLE_OUTBOX_DB",
+    show_envvar=True,
+    required=True,
+    metavar="URL",
+    help="SQLAlchemy URL (sync driver) of the database holding the outbox table.",
+)
+@click.option("--table", default="queueable_outbox", show_default=True, help="Name of the outbox table.")
+@click.option("--schema", default=None, help="Database schema of the outbox table.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    metavar="SECONDS",
+    help="Pause between polls when the outbox is empty.",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a claimed batch stays reserved; a relay that dies mid-batch releases it after this. "
+    "Keep it well above the publish timeout.",
+)
+@click.option(
+    "--retry-delay",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="First backoff for a message the broker rejected (doubles per attempt, at most 300 s).",
+)
+@click.option("--once", is_flag=True, help="Publish everything available now, then exit.")
+@click.option("--create-table", is_flag=True, help="Create the outbox table if it does not exist.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@url_option
+@cli_errors
+def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calling convention
+    app: str,
+    db: str,
+    table: str,
+    schema: str | None,
+    batch_size: int,
+    interval: float,
+    lease: float,
+    retry_delay: float,
+    once: bool,
+    create_table: bool,
+    log_level: str,
+    log_format: str,
+    url: str | None,
+) -> None:
+    """Publish the outbox rows that APP's transactions committed, then delete them.
+
+    Claims batches atomically (FOR UPDATE SKIP LOCKED on PostgreSQL, a write-locked claim on SQLite), so
+    several relays can run at once; publishes each batch to RabbitMQ (--url or QUEUEABLE_URL) with publisher
+    confirms; deletes a row only after its message is confirmed. A relay killed mid-batch loses nothing: its
+    rows are published again, with the same message ids, once the lease expires. SIGTERM or SIGINT finishes
+    the current batch and exits.
+    """
+    configure_logging(log_level, log_format)
+    loaded, settings = resolve_settings(app, url)
+    assert loaded is not None
+    if settings.scheme == "memory":
+        msg = "queueable relay needs a broker: set QUEUEABLE_URL=amqp://... or pass --url"
+        raise ConfigurationError(msg)
+    try:
+        import sqlalchemy as sa  # noqa: PLC0415
+
+        from queueable.outbox import Relay, outbox_table  # noqa: PLC0415
+        from queueable.transport.rabbitmq import RabbitMQTransport  # noqa: PLC0415
+    except ImportError as exc:
+        msg = f"{exc}: pip install 'queueable[sqlalchemy]'"
+        raise ConfigurationError(msg) from exc
+    try:
+        engine = sa.create_engine(db, pool_pre_ping=True)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        msg = f"cannot use database URL {mask_url(db)}: {exc}"
+        raise ConfigurationError(msg) from exc
+    outbox = outbox_table(sa.MetaData(), table, schema=schema)
+    if create_table:
+        outbox.create(engine, checkfirst=True)
+    transport = RabbitMQTransport(settings, queues=loaded.provider.queue_names)
+    worker = Relay(
+        engine,
+        transport,
+        table=outbox,
+        batch_size=batch_size,
+        lease=lease,
+        interval=interval,
+        retry_delay=retry_delay,
+    )
+    try:
+        asyncio.run(_run(worker, once=once))
+    finally:
+        engine.dispose()
+
+
+async def _run(worker: Relay, *, once: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("relay pid %d publishing %s", os.getpid(), worker.table.name)
+    try:
+        if once:
+            published = await worker.drain()
+            log.info("published %d message(s); the outbox has nothing available now", published)
+        else:
+            await worker.run(stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await worker.transport.close()

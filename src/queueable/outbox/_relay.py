@@ -1,0 +1,238 @@
+"""``Relay``: claim outbox rows atomically, publish them with confirms, delete them.
+
+The claim protocol (one short transaction, never held open across the network)::
+
+    UPDATE outbox SET claimed_by = :me, claimed_until = :now + :lease, attempts = attempts + 1
+     WHERE id IN (SELECT id FROM outbox
+                   WHERE available_at <= :now AND (claimed_until IS NULL OR claimed_until < :now)
+                   ORDER BY id LIMIT :batch
+                   FOR UPDATE SKIP LOCKED)          -- PostgreSQL; see below for SQLite
+    RETURNING *
+
+then ``transport.publish(batch)`` (returns only when the broker confirmed every message), then
+``DELETE ... WHERE id IN (batch) AND claimed_by = :me``.
+
+- Several relays: on PostgreSQL ``SKIP LOCKED`` makes concurrent claims take disjoint rows without waiting, and
+  a row another relay claimed a moment ago fails the ``claimed_until`` re-check. On SQLite, which has no row
+  locks, the claim runs in ``BEGIN IMMEDIATE``: claims are serialized by the database's single write lock, so
+  the second relay sees the first one's lease. Either way, in the normal case every row is published once.
+- A relay killed mid-batch (before its ``DELETE`` committed) leaves its rows claimed; when the lease expires any
+  relay claims and publishes them again. Nothing is lost; a message may be published twice, with the same
+  ``message_id``, so listeners can detect the duplicate.
+- A batch the broker rejects is retried message by message; a message that still fails goes back to the table
+  with ``last_error`` and is retried after an exponential backoff, without holding up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import create_engine, delete, func, select, update
+
+from queueable.outbox._table import OUTBOX, from_row
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from sqlalchemy import Connection, Engine, Table
+
+    from queueable.abc import Transport
+
+__all__ = ["Relay", "RelayResult"]
+
+log = logging.getLogger("queueable.relay")
+
+MAX_ERROR = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class RelayResult:
+    """What one :meth:`Relay.run_once` did."""
+
+    claimed: int
+    published: int
+    failed: int
+
+
+class Relay:
+    """Moves outbox rows to the broker through any :class:`~queueable.abc.Transport`.
+
+    ``engine`` is a SQLAlchemy ``Engine`` (sync driver) or a URL. ``lease`` must comfortably exceed the time a
+    batch takes to publish (the transport's publish timeout): a lease that expires mid-publish lets another
+    relay publish the same rows too.
+    """
+
+    def __init__(
+        self,
+        engine: Engine | str,
+        transport: Transport,
+        *,
+        table: Table = OUTBOX,
+        batch_size: int = 100,
+        lease: float = 60.0,
+        interval: float = 0.5,
+        retry_delay: float = 5.0,
+        max_retry_delay: float = 300.0,
+        relay_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if batch_size < 1 or lease <= 0 or interval < 0:
+            msg = "batch_size must be >= 1, lease > 0 and interval >= 0"
+            raise ValueError(msg)
+        self.engine = create_engine(engine, pool_pre_ping=True) if isinstance(engine, str) else engine
+        self.transport = transport
+        self.table = table
+        self.batch_size = batch_size
+        self.lease = lease
+        self.interval = interval
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.clock = clock
+        self._sqlite = self.engine.dialect.name == "sqlite"
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Relay until ``stop`` is set; a batch in progress is finished first. Database errors are logged and
+        retried after ``interval``.
+        """
+        stop = stop or asyncio.Event()
+        log.info("relay %s started on %s", self.relay_id, self.table.name)
+        while not stop.is_set():
+            try:
+                result = await self.run_once()
+            except Exception:
+                log.exception("relay round failed; retrying in %.1f s", max(self.interval, 1.0))
+                result = RelayResult(0, 0, 0)
+                await _wait(stop, max(self.interval, 1.0))
+                continue
+            if result.claimed < self.batch_size:
+                await _wait(stop, self.interval)
+        log.info("relay %s stopped", self.relay_id)
+
+    async def drain(self) -> int:
+        """Relay until no row is available now; return how many messages were published."""
+        total = 0
+        while True:
+            result = await self.run_once()
+            total += result.published
+            if result.claimed == 0:
+                return total
+
+    async def run_once(self) -> RelayResult:
+        """Claim one batch, publish it, delete what the broker confirmed."""
+        rows = await asyncio.to_thread(self._claim)
+        if not rows:
+            return RelayResult(0, 0, 0)
+        messages = [from_row(row) for row in rows]
+        ids = [row["id"] for row in rows]
+        try:
+            await self.transport.publish(messages)
+        except Exception as exc:
+            log.warning("publishing a batch of %d failed (%s); retrying one by one", len(messages), exc)
+            outcomes = await asyncio.gather(
+                *(self.transport.publish([message]) for message in messages), return_exceptions=True
+            )
+            done = [row_id for row_id, out in zip(ids, outcomes, strict=True) if out is None]
+            failed = [
+                (row, out) for row, out in zip(rows, outcomes, strict=True) if isinstance(out, BaseException)
+            ]
+            await asyncio.to_thread(self._delete, done)
+            await asyncio.to_thread(self._release, failed)
+            for row, out in failed:
+                log.error(  # noqa: TRY400 - the cause is a publish outcome, not the exception being handled
+                    "message %s (%s) not published, attempt %d: %s",
+                    row["message_id"],
+                    row["headers"].get("x-queueable-listener"),
+                    row["attempts"],
+                    out,
+                )
+            return RelayResult(len(rows), len(done), len(failed))
+        await asyncio.to_thread(self._delete, ids)
+        log.debug("relayed %d message(s)", len(ids))
+        return RelayResult(len(rows), len(ids), 0)
+
+    # -- database (run in a worker thread) ---------------------------------------------------------
+
+    def _claim(self) -> list[dict[str, Any]]:
+        table = self.table
+        now = self.clock()
+        candidates = (
+            select(table.c.id)
+            .where(
+                table.c.available_at <= now,
+                (table.c.claimed_until.is_(None)) | (table.c.claimed_until < now),
+            )
+            .order_by(table.c.id)
+            .limit(self.batch_size)
+            .with_for_update(skip_locked=True)  # rendered on PostgreSQL (and MySQL 8); ignored by SQLite
+        )
+        claim = (
+            update(table)
+            .where(table.c.id.in_(candidates))
+            .values(claimed_by=self.relay_id, claimed_until=now + self.lease, attempts=table.c.attempts + 1)
+            .returning(*table.c)
+        )
+        with self.engine.connect() as conn:
+            self._begin_write(conn)
+            rows = [dict(row) for row in conn.execute(claim).mappings()]
+            conn.commit()
+        return sorted(rows, key=lambda row: row["id"])
+
+    def _begin_write(self, conn: Connection) -> None:
+        if self._sqlite:
+            # No row locks in SQLite: take the database write lock up front, so that concurrent claims
+            # serialize (waiting up to the driver's busy timeout) instead of failing at lock upgrade.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def _delete(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        table = self.table
+        with self.engine.connect() as conn:
+            self._begin_write(conn)
+            conn.execute(delete(table).where(table.c.id.in_(ids), table.c.claimed_by == self.relay_id))
+            conn.commit()
+
+    def _release(self, failed: Sequence[tuple[dict[str, Any], BaseException]]) -> None:
+        if not failed:
+            return
+        table = self.table
+        now = self.clock()
+        with self.engine.connect() as conn:
+            self._begin_write(conn)
+            for row, exc in failed:
+                delay = min(self.retry_delay * 2 ** max(row["attempts"] - 1, 0), self.max_retry_delay)
+                conn.execute(
+                    update(table)
+                    .where(table.c.id == row["id"], table.c.claimed_by == self.relay_id)
+                    .values(
+                        claimed_by=None,
+                        claimed_until=None,
+                        available_at=now + delay,
+                        last_error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR],
+                    )
+                )
+            conn.commit()
+
+    def pending(self) -> int:
+        """Rows in the outbox (claimed or not)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(self.table)).scalar_one())
+
+    def __repr__(self) -> str:
+        return f"<Relay {self.relay_id} table={self.table.name!r} batch={self.batch_size} lease={self.lease}>"
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,347 @@
+"""The transactional outbox on SQLite: rows exist iff the transaction committed; relays publish each once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from queueable import App, PublishError, listener
+from queueable import _wire as wire
+from queueable.outbox import OUTBOX, Outbox, Relay, from_row, metadata
+from queueable.sync import SyncDispatcher
+from queueable.testing import TestTransport
+from tests.fakes import CommentPosted, Recorder
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator, Sequence
+    from pathlib import Path
+
+    from queueable import OutgoingMessage
+
+COMMENT = CommentPosted(post_id=7, author="ann", text="first!")
+
+domain = sa.MetaData()
+comments = sa.Table("comments", domain, sa.Column("id", sa.Integer, primary_key=True), sa.Column("text", sa.Text))
+
+
+class Clock:
+    """A settable clock for leases and backoff."""
+
+    def __init__(self) -> None:
+        self.now = time.time() + 1
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(name="db_url")
+def fixture_db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'app.db'}"
+
+
+@pytest.fixture(name="engine")
+def fixture_engine(db_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(db_url)
+    metadata.create_all(engine)
+    domain.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(name="outbox_app")
+def fixture_outbox_app(app: App) -> App:
+    app.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    return app
+
+
+@pytest.fixture(name="transport")
+async def fixture_transport(outbox_app: App) -> AsyncIterator[TestTransport]:
+    async with TestTransport(outbox_app) as transport:
+        yield transport
+
+
+@pytest.fixture(name="outbox")
+def fixture_outbox(outbox_app: App, transport: TestTransport) -> Outbox:
+    return Outbox(outbox_app)
+
+
+def rows(engine: sa.Engine) -> list[dict[str, object]]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(OUTBOX).order_by(OUTBOX.c.id)).mappings()]
+
+
+def published(transport: TestTransport) -> list[OutgoingMessage]:
+    return [m for queue in transport.queues.values() for m in queue]
+
+
+async def test_a_committed_transaction_leaves_one_row_per_queued_listener(
+    engine: sa.Engine, outbox: Outbox, transport: TestTransport
+):
+    """The domain row and the event row are committed together; nothing is published by the web process."""
+    with Session(engine) as session, session.begin():
+        session.execute(sa.insert(comments).values(id=1, text="first!"))
+        await outbox.dispatch(session, COMMENT)
+
+    stored = rows(engine)
+    assert len(stored) == 1
+    assert stored[0]["queue"] == "queueable"
+    assert stored[0]["headers"]["x-queueable-listener"] == "mailer:notify_author"  # type: ignore[index]
+    assert transport.pending == 0
+
+
+async def test_a_rolled_back_transaction_leaves_no_event(engine: sa.Engine, outbox: Outbox):
+    """When the transaction rolls back, its events vanish with it."""
+    with Session(engine) as session:
+        session.begin()
+        session.execute(sa.insert(comments).values(id=1, text="first!"))
+        await outbox.dispatch(session, COMMENT)
+        session.rollback()
+
+    assert rows(engine) == []
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(comments)).scalar_one() == 0
+
+
+async def test_an_exception_inside_the_scope_writes_nothing(engine: sa.Engine, outbox_app: App, outbox: Outbox):
+    """A block that raises drops its buffered messages before they reach the session."""
+
+    async def handler(session: Session) -> None:
+        async with outbox.bind(session):
+            await outbox_app.dispatch(COMMENT)
+            raise RuntimeError
+
+    with Session(engine) as session:
+        with pytest.raises(RuntimeError):
+            await handler(session)
+        session.commit()  # even a commit afterwards finds nothing to write
+    assert rows(engine) == []
+
+
+async def test_the_relay_publishes_the_stored_message_unchanged_and_deletes_the_row(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox, transport: TestTransport, recorder: Recorder
+):
+    """The worker sees the very message a direct publish sends; the listener runs; the table is empty."""
+    with Session(engine) as session, session.begin():
+        await outbox.dispatch(session, COMMENT)
+    stored = from_row(rows(engine)[0])
+
+    result = await Relay(engine, transport).run_once()
+
+    assert (result.claimed, result.published, result.failed) == (1, 1, 0)
+    [sent] = published(transport)
+    assert sent == stored
+    assert sent.body == COMMENT.model_dump_json().encode()
+    assert set(sent.headers) >= {wire.H_LISTENER, wire.H_EVENT, wire.H_VERSION, wire.H_ATTEMPT, wire.H_CREATED}
+    assert rows(engine) == []
+    await transport.run_until_idle()
+    assert recorder.names == ["notify_author"]
+
+
+async def test_an_async_session_writes_in_its_transaction(
+    db_url: str, engine: sa.Engine, outbox: Outbox, transport: TestTransport
+):
+    """AsyncSession (aiosqlite): committed dispatches are stored, rolled back ones are not."""
+    async_engine = create_async_engine(db_url.replace("sqlite://", "sqlite+aiosqlite://"))
+    try:
+        async with AsyncSession(async_engine) as session:
+            async with session.begin():
+                await outbox.dispatch(session, CommentPosted(post_id=1, author="a", text="kept"))
+            await session.begin()
+            await outbox.dispatch(session, CommentPosted(post_id=2, author="a", text="dropped"))
+            await session.rollback()
+    finally:
+        await async_engine.dispose()
+
+    assert [CommentPosted.model_validate_json(r["body"]).post_id for r in rows(engine)] == [1]  # type: ignore[arg-type]
+
+
+async def test_a_core_connection_can_be_bound(engine: sa.Engine, outbox_app: App, outbox: Outbox):
+    """A plain Connection in a transaction works like a Session."""
+    with engine.begin() as conn, outbox.bind(conn) as scope:
+        await outbox_app.dispatch(COMMENT)
+        assert len(scope.messages) == 1
+    assert len(rows(engine)) == 1
+
+
+async def test_defer_true_goes_to_the_outbox_too(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox, recorder: Recorder
+):
+    """Publisher-decided deferral writes a row for the deferrable listener instead of calling it."""
+
+    @outbox_app.service("audit")
+    class Audit:
+        @listener(deferrable=True)
+        def record(self, event: CommentPosted) -> None:
+            recorder.record("audit", event)
+
+    with Session(engine) as session, session.begin():
+        await outbox.dispatch(session, COMMENT, defer=True)
+
+    assert recorder.names == []
+    assert sorted(r["headers"]["x-queueable-listener"] for r in rows(engine)) == [  # type: ignore[index]
+        "audit:record",
+        "mailer:notify_author",
+    ]
+
+
+def test_a_sync_dispatcher_writes_through_the_callers_session(engine: sa.Engine, outbox_app: App):
+    """Flask-style: a sync Session in the request thread, SyncDispatcher on its loop, rows in the transaction."""
+    outbox = Outbox()
+    with SyncDispatcher(outbox_app) as events:
+        with Session(engine) as session, session.begin(), outbox.bind(session):
+            events.dispatch(COMMENT)
+            assert rows(engine) == []  # not visible before commit
+        with Session(engine) as session:
+            session.begin()
+            with outbox.bind(session):
+                events.dispatch(COMMENT)
+            session.rollback()
+    assert len(rows(engine)) == 1
+
+
+async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_the_message_id(
+    engine: sa.Engine, outbox: Outbox, transport: TestTransport
+):
+    """Rows claimed by a relay that died are claimed again after the lease, with the same message ids."""
+    with Session(engine) as session, session.begin():
+        for n in range(3):
+            await outbox.dispatch(session, CommentPosted(post_id=n, author="a", text="t"))
+    original_ids = [r["message_id"] for r in rows(engine)]
+    clock = Clock()
+
+    dead = Relay(engine, transport, lease=30, clock=clock)
+    assert len(dead._claim()) == 3  # claimed, then the process "dies" before publishing
+
+    survivor = Relay(engine, transport, lease=30, clock=clock)
+    assert (await survivor.run_once()).claimed == 0  # the lease still holds
+    clock.now += 31
+    assert (await survivor.run_once()).published == 3
+
+    assert [m.message_id for m in published(transport)] == original_ids
+    assert rows(engine) == []
+
+
+async def test_a_late_relay_does_not_delete_rows_another_relay_reclaimed(
+    engine: sa.Engine, outbox: Outbox, transport: TestTransport
+):
+    """A relay whose lease expired cannot delete rows that are now another relay's."""
+    with Session(engine) as session, session.begin():
+        await outbox.dispatch(session, COMMENT)
+    clock = Clock()
+    slow = Relay(engine, transport, lease=1, clock=clock)
+    [row] = slow._claim()
+    clock.now += 2
+    fast = Relay(engine, transport, lease=30, clock=clock)
+    assert len(fast._claim()) == 1
+
+    slow._delete([row["id"]])
+    assert len(rows(engine)) == 1
+
+
+async def test_two_relays_at_once_publish_every_row_exactly_once(
+    engine: sa.Engine, outbox: Outbox, transport: TestTransport
+):
+    """Concurrent relays (threads claiming against one SQLite file) never take the same row."""
+    with Session(engine) as session, session.begin():
+        for n in range(200):
+            await outbox.dispatch(session, CommentPosted(post_id=n, author="a", text="t"))
+
+    relays = [Relay(engine, transport, batch_size=7, interval=0) for _ in range(3)]
+    counts = await asyncio.gather(*(relay.drain() for relay in relays))
+
+    ids = [m.message_id for m in published(transport)]
+    assert len(ids) == 200
+    assert len(set(ids)) == 200
+    assert sum(counts) == 200
+    assert sum(1 for c in counts if c) >= 2  # the work really was shared
+    assert rows(engine) == []
+
+
+class PickyTransport:
+    """Rejects messages for one post id, as a broker would reject an unroutable message."""
+
+    def __init__(self, reject_post: int) -> None:
+        self.reject_post = reject_post
+        self.messages: list[OutgoingMessage] = []
+
+    async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        bad = [m for m in messages if CommentPosted.model_validate_json(m.body).post_id == self.reject_post]
+        if bad:
+            raise PublishError("unroutable", message_ids=[m.message_id for m in bad])
+        self.messages.extend(messages)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_message_the_broker_rejects_waits_with_backoff_without_blocking_the_others(
+    engine: sa.Engine, outbox: Outbox
+):
+    """The batch falls back to one-by-one; the bad row keeps its error and is retried later."""
+    with Session(engine) as session, session.begin():
+        for n in range(3):
+            await outbox.dispatch(session, CommentPosted(post_id=n, author="a", text="t"))
+    clock = Clock()
+    picky = PickyTransport(reject_post=1)
+    relay = Relay(engine, picky, clock=clock, retry_delay=10)
+
+    result = await relay.run_once()
+
+    assert (result.claimed, result.published, result.failed) == (3, 2, 1)
+    [left] = rows(engine)
+    assert left["last_error"] == "PublishError: unroutable"
+    assert left["available_at"] == clock.now + 10
+    assert left["claimed_by"] is None
+    assert (await relay.run_once()).claimed == 0
+    picky.reject_post = -1
+    clock.now += 10
+    assert (await relay.run_once()).published == 1
+    assert rows(engine) == []
+
+
+async def test_run_relays_until_stopped(engine: sa.Engine, outbox: Outbox, transport: TestTransport):
+    """The relay loop picks up rows committed while it runs and stops cleanly when told."""
+    stop = asyncio.Event()
+    relay = Relay(engine, transport, interval=0.01)
+    task = asyncio.create_task(relay.run(stop))
+    with Session(engine) as session, session.begin():
+        await outbox.dispatch(session, COMMENT)
+    for _ in range(500):
+        if transport.pending:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert transport.pending == 1
+    assert relay.pending() == 0
+
+
+def test_binding_an_async_session_with_a_sync_with_is_an_error(db_url: str, outbox: Outbox):
+    """An AsyncSession needs `async with`, and says so."""
+    session = AsyncSession(create_async_engine(db_url.replace("sqlite://", "sqlite+aiosqlite://")))
+    with pytest.raises(TypeError, match="async with"), outbox.bind(session):
+        pass
+
+
+def test_threads_share_no_outbox_scope(engine: sa.Engine, outbox_app: App):
+    """A scope bound in one thread does not capture another thread's dispatches."""
+    outbox = Outbox()
+    seen: list[int] = []
+    with (
+        SyncDispatcher(outbox_app) as events,
+        Session(engine) as session,
+        session.begin(),
+        outbox.bind(session) as scope,
+    ):
+        other = threading.Thread(target=lambda: events.dispatch(COMMENT))
+        other.start()
+        other.join()
+        seen.append(len(scope.messages))
+    assert seen == [0]
