@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from typing import TYPE_CHECKING
 
@@ -292,3 +293,23 @@ async def test_delivery_limit_dead_letters_are_recognisable(amqp_url, admin, uni
         assert dead_reason_of(dead.headers) == "delivery_limit"
     finally:
         await transport.close()
+
+
+def test_topology_command_declares_and_reports(amqp_url, admin, unique):
+    """`queueable topology declare --json` declares twice without error and prints what it declared."""
+    from click.testing import CliRunner  # noqa: PLC0415 - only this test needs click
+
+    from queueable.cli.topology import topology  # noqa: PLC0415
+
+    env = {"QUEUEABLE_URL": amqp_url, "QUEUEABLE_QUEUE": unique, "QUEUEABLE_EXCHANGE": unique}
+    runner = CliRunner()
+    for _ in range(2):
+        result = runner.invoke(topology, ["declare", "--json"], env=env)
+        assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert lines[0] == {"exchange": unique, "type": "direct", "durable": True}
+    assert [line["queue"] for line in lines[1:]] == [unique, unique + ".dead"]
+    assert "guest:guest" not in result.output
+    conflicting = runner.invoke(topology, ["declare"], env={**env, "QUEUEABLE_QUEUE_TYPE": "classic"})
+    assert conflicting.exit_code == 5
+    assert "already exists with other arguments" in conflicting.output

@@ -12,6 +12,7 @@ from queueable.cli.consume import consume
 from queueable.cli.dead import dead
 from queueable.cli.relay import relay
 from queueable.cli.status import status
+from queueable.cli.topology import topology
 
 __all__ = ["consume_main", "main"]
 
@@ -30,6 +31,7 @@ main.add_command(dead)
 main.add_command(status)
 main.add_command(consume)
 main.add_command(relay)
+main.add_command(topology)
 
 
 def consume_main() -> None:
