@@ -308,3 +308,21 @@ def test_tls_bad_settings_are_configuration_errors(tmp_path):
         ssl_context(Settings(url="amqps://h/", tls={"cafiel": "x"}))
     with pytest.raises(ConfigurationError, match="invalid TLS"):
         ssl_context(Settings(url="amqps://h/", tls={"cafile": str(tmp_path / "missing.pem")}))
+
+
+def test_tls_and_broker_options_from_environment():
+    """QUEUEABLE_TLS_*, QUEUEABLE_DELIVERY_LIMIT and QUEUEABLE_CONNECT_TIMEOUT reach Settings."""
+    settings = Settings.from_env(
+        {
+            "QUEUEABLE_URL": "amqps://u:p@h/",
+            "QUEUEABLE_TLS_CAFILE": "/etc/ca.pem",
+            "QUEUEABLE_TLS_VERIFY": "false",
+            "QUEUEABLE_DELIVERY_LIMIT": "5",
+            "QUEUEABLE_CONNECT_TIMEOUT": "2.5",
+        }
+    )
+    assert settings.tls == {"cafile": "/etc/ca.pem", "verify": False}
+    assert settings.delivery_limit == 5
+    assert settings.connect_timeout == 2.5
+    with pytest.raises(ConfigurationError, match="QUEUEABLE_TLS_VERIFY"):
+        Settings.from_env({"QUEUEABLE_TLS_VERIFY": "perhaps"})

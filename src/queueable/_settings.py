@@ -77,7 +77,8 @@ class Settings:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from ``QUEUEABLE_URL``, ``QUEUEABLE_QUEUE``, ``QUEUEABLE_EXCHANGE``,
         ``QUEUEABLE_QUEUE_TYPE``, ``QUEUEABLE_PREFETCH``, ``QUEUEABLE_MAX_BODY_SIZE``,
-        ``QUEUEABLE_PUBLISH_TIMEOUT`` and ``QUEUEABLE_REQUIRE_BROKER``; explicit ``overrides`` win.
+        ``QUEUEABLE_PUBLISH_TIMEOUT``, ``QUEUEABLE_REQUIRE_BROKER``, ``QUEUEABLE_DELIVERY_LIMIT``,
+        ``QUEUEABLE_CONNECT_TIMEOUT`` and ``QUEUEABLE_TLS_*``; explicit ``overrides`` win.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -90,6 +91,8 @@ class Settings:
             "QUEUEABLE_MAX_BODY_SIZE": ("max_body_size", int),
             "QUEUEABLE_PUBLISH_TIMEOUT": ("publish_timeout", float),
             "QUEUEABLE_REQUIRE_BROKER": ("require_broker", _flag),
+            "QUEUEABLE_DELIVERY_LIMIT": ("delivery_limit", int),
+            "QUEUEABLE_CONNECT_TIMEOUT": ("connect_timeout", float),
         }
         for var, (name, convert) in mapping.items():
             raw = env.get(var)
@@ -99,6 +102,20 @@ class Settings:
                 except ValueError as exc:
                     msg = f"{var}: {exc}"
                     raise ConfigurationError(msg) from exc
+        # amqps:// options (see queueable.transport.rabbitmq.ssl_context): QUEUEABLE_TLS_CAFILE, _CERTFILE,
+        # _KEYFILE, _VERIFY (default true).
+        tls: dict[str, Any] = {}
+        for key in ("cafile", "certfile", "keyfile"):
+            if env.get(f"QUEUEABLE_TLS_{key.upper()}"):
+                tls[key] = env[f"QUEUEABLE_TLS_{key.upper()}"]
+        if env.get("QUEUEABLE_TLS_VERIFY"):
+            try:
+                tls["verify"] = _flag(env["QUEUEABLE_TLS_VERIFY"])
+            except ValueError as exc:
+                msg = f"QUEUEABLE_TLS_VERIFY: {exc}"
+                raise ConfigurationError(msg) from exc
+        if tls:
+            values["tls"] = tls
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
