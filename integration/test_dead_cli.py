@@ -21,17 +21,22 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import pytest
 from pydantic import BaseModel
 
-from queueable import App, Handled, Reject, RetryPolicy, Settings, event
+from queueable import App, Reject, RetryPolicy, Settings, event
 from queueable._consumer import DeadLetter
 from queueable._deadletters import DeadFilter, DeadLetterAdmin
 from queueable._dispatcher import build_messages
-from queueable._wire import H_ATTEMPT, H_DEAD_REASON, H_ERROR_TYPE, H_REPLAYS, IncomingMessage
+from queueable._wire import H_ATTEMPT, H_DEAD_REASON, H_ERROR_TYPE, H_LISTENER, H_REPLAYS, IncomingMessage
+from queueable._worker import Worker, WorkerOptions, WorkerStats
+from queueable.transport.rabbitmq import RabbitMQTransport
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 INTEGRATION_DIR = Path(__file__).resolve().parent
 
@@ -82,9 +87,12 @@ def create_app() -> App:
 
 @dataclass
 class World:
+    """One test's queue, dead-letter queue and exchange, declared by the real RabbitMQ transport."""
+
     url: str
     queue: str
     exchange: str
+    queue_type: str
     connection: aio_pika.abc.AbstractConnection
     channel: aio_pika.abc.AbstractChannel
 
@@ -94,7 +102,14 @@ class World:
 
     @property
     def settings(self) -> Settings:
-        return Settings(url=self.url, default_queue=self.queue, exchange=self.exchange)
+        return Settings(
+            url=self.url,
+            default_queue=self.queue,
+            exchange=self.exchange,
+            queue_type=self.queue_type,  # type: ignore[arg-type]
+            delivery_limit=3,
+            publish_timeout=5.0,
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -103,6 +118,7 @@ class World:
             QUEUEABLE_URL=self.url,
             QUEUEABLE_QUEUE=self.queue,
             QUEUEABLE_EXCHANGE=self.exchange,
+            QUEUEABLE_QUEUE_TYPE=self.queue_type,
             PYTHONPATH=str(INTEGRATION_DIR),
         )
         return env
@@ -117,38 +133,50 @@ class World:
     def admin(self) -> DeadLetterAdmin:
         return DeadLetterAdmin(self.settings, [self.queue])
 
+    async def run_worker(self, messages: int, *, clock: float | None = None) -> WorkerStats:
+        """The real in-process worker on this queue until it has taken ``messages`` messages."""
+        app = self.app()
+        processor = app.processor(clock=(lambda: clock) if clock is not None else time.time)
+        transport = RabbitMQTransport(self.settings, queues=[self.queue])
+        worker = Worker(
+            processor,
+            transport,
+            WorkerOptions(
+                queues=(self.queue,), prefetch=1, concurrency=1, max_messages=messages, shutdown_timeout=5
+            ),
+        )
+        try:
+            await asyncio.wait_for(worker.run(), timeout=20)
+        finally:
+            await transport.close()
+        return worker.stats
+
     async def kill(
         self, events: list[BaseModel], listener_ids: set[str], *, clock: float | None = None
     ) -> list[str]:
-        """Dispatch ``events``, let the listeners in ``listener_ids`` fail, dead-letter like a worker does.
+        """Dispatch ``events`` and let the real worker run them while ``listener_ids`` fail.
 
-        Returns the message ids of the dead letters, in the order they were dead-lettered.
+        Returns the message ids of the new dead letters, in dead-letter-queue order.
         """
+        before = await self.peek(self.dead)
         app = self.app()
-        processor = app.processor(clock=(lambda: clock) if clock is not None else time.time)
-        ids = []
-        FAILING.update(listener_ids)
+        transport = RabbitMQTransport(self.settings, queues=[self.queue])
+        app.use_transport(transport)
         try:
             for ev in events:
-                listeners = [entry for entry in app.provider.listeners_for(ev) if entry.queue]
-                for out in build_messages(ev, listeners):
-                    incoming = IncomingMessage(
-                        queue=out.queue,
-                        body=out.body,
-                        headers=out.headers,
-                        message_id=out.message_id,
-                        correlation_id=out.correlation_id,
-                        timestamp=out.timestamp,
-                        content_type=out.content_type,
-                        type=out.type,
-                    )
-                    outcome = await processor.process(incoming)
-                    if isinstance(outcome, DeadLetter):
-                        await self.publish_dead(outcome.message)
-                        ids.append(outcome.message.message_id)
+                await app.dispatch(ev)
+        finally:
+            await transport.close()
+        published = sum(1 for ev in events for entry in app.provider.listeners_for(ev) if entry.queue)
+        FAILING.update(listener_ids)
+        try:
+            stats = await self.run_worker(published, clock=clock)
         finally:
             FAILING.difference_update(listener_ids)
-        return ids
+        assert stats.handled + stats.dead_lettered == published, stats
+        after = await self.peek(self.dead)
+        assert after[: len(before)] == before
+        return [i for i in after[len(before) :] if i is not None]
 
     async def publish_dead(self, out: Any) -> None:
         await self.channel.default_exchange.publish(
@@ -174,6 +202,22 @@ class World:
         finally:
             await channel.close()
 
+    async def peek(self, queue: str) -> list[str | None]:
+        """The message ids in ``queue``, in order, without removing them (read all, one ordered requeue)."""
+        return [message_id for message_id, _ in await self.peek_listeners(queue)]
+
+    async def peek_listeners(self, queue: str) -> list[tuple[str | None, Any]]:
+        """(message id, listener header) of each message in ``queue``, in order, leaving them there."""
+        channel = await self.connection.channel()
+        q = await channel.declare_queue(queue, passive=True)
+        held = []
+        while (message := await q.get(no_ack=False, fail=False)) is not None:
+            held.append(message)
+        if held:
+            await held[-1].nack(requeue=True, multiple=True)
+        await channel.close()
+        return [(m.message_id, (m.headers or {}).get(H_LISTENER)) for m in held]
+
     async def drain(self, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
         """Take every message out of ``queue`` for good (ack), in queue order."""
         channel = await self.connection.channel()
@@ -186,7 +230,7 @@ class World:
         return out
 
     async def settled(self, queue: str, expected: int, timeout: float = 5.0) -> int:
-        """The ready count once it stops changing (or reaches ``expected``)."""
+        """The ready count once it reaches ``expected`` (or whatever it is after ``timeout``)."""
         deadline = time.monotonic() + timeout
         count = await self.ready(queue)
         while count != expected and time.monotonic() < deadline:
@@ -195,63 +239,40 @@ class World:
         return count
 
 
-@pytest.fixture(name="world", params=["quorum", "classic"])
-async def fixture_world(amqp_url: str, unique: str, request: pytest.FixtureRequest) -> Any:
-    """Exchange, work queue and dead-letter queue laid out like the RabbitMQ transport's topology."""
-    queue_type = request.param
+async def _world(amqp_url: str, unique: str, queue_type: str) -> World:
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    queue, exchange = f"{unique}.q", f"{unique}.x"
-    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-    work_args: dict[str, Any] = {
-        "x-queue-type": queue_type,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": queue + ".dead",
-    }
-    if queue_type == "quorum":
-        work_args.update(
-            {"x-delivery-limit": 1, "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
-        )
-    work = await channel.declare_queue(queue, durable=True, arguments=work_args)
-    await work.bind(ex, routing_key=queue)
-    dead = await channel.declare_queue(queue + ".dead", durable=True, arguments={"x-queue-type": queue_type})
-    await dead.bind(ex, routing_key=queue + ".dead")
-    yield World(amqp_url, queue, exchange, connection, channel)
-    cleanup = await connection.channel()
-    for name in (queue, queue + ".dead"):
-        await cleanup.queue_delete(name)
-    await cleanup.exchange_delete(exchange)
-    await connection.close()
+    world = World(amqp_url, f"{unique}.q", f"{unique}.x", queue_type, connection, channel)
+    transport = RabbitMQTransport(world.settings, queues=[world.queue])
+    try:
+        await transport.declare_topology()
+    finally:
+        await transport.close()
+    return world
+
+
+async def _destroy(world: World) -> None:
+    channel = await world.connection.channel()
+    for name in (world.queue, world.dead):
+        await channel.queue_delete(name)
+    await channel.exchange_delete(world.exchange)
+    await world.connection.close()
+
+
+@pytest.fixture(name="world", params=["quorum", "classic"])
+async def fixture_world(amqp_url: str, unique: str, request: pytest.FixtureRequest) -> AsyncIterator[World]:
+    """The transport's topology for a private queue, as quorum and as classic queues."""
+    world = await _world(amqp_url, unique, request.param)
+    yield world
+    await _destroy(world)
 
 
 @pytest.fixture(name="quorum_world")
-async def fixture_quorum_world(amqp_url: str, unique: str) -> Any:
-    """Only the quorum layout (the default), for tests whose point is not the queue type."""
-    connection = await aio_pika.connect(amqp_url)
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    queue, exchange = f"{unique}.q", f"{unique}.x"
-    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-    work = await channel.declare_queue(
-        queue,
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": 1,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": queue + ".dead",
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        },
-    )
-    await work.bind(ex, routing_key=queue)
-    dead = await channel.declare_queue(queue + ".dead", durable=True, arguments={"x-queue-type": "quorum"})
-    await dead.bind(ex, routing_key=queue + ".dead")
-    yield World(amqp_url, queue, exchange, connection, channel)
-    cleanup = await connection.channel()
-    for name in (queue, queue + ".dead"):
-        await cleanup.queue_delete(name)
-    await cleanup.exchange_delete(exchange)
-    await connection.close()
+async def fixture_quorum_world(amqp_url: str, unique: str) -> AsyncIterator[World]:
+    """Only the default (quorum) layout, for tests whose point is not the queue type."""
+    world = await _world(amqp_url, unique, "quorum")
+    yield world
+    await _destroy(world)
 
 
 def cli(world: World, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -376,33 +397,58 @@ async def test_filters_select_exactly_the_matching_letters(quorum_world: World) 
 
 async def test_replay_subset_moves_exactly_that_subset_and_a_consumer_handles_it(world: World) -> None:
     """Replaying --listener charge moves only those letters (attempt 1, replays 1), the rest stay in order."""
-    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(4)], {"mail", "charge"})
-    charge_ids = ids[1::2]
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(2)], {"mail", "charge"})
+    charge_ids = [i for i, listener in await world.peek_listeners(world.dead) if listener == "charge"]
+    others = [i for i in ids if i not in charge_ids]
+    assert len(charge_ids) == len(others) == 2
     result = await asyncio.to_thread(cli, world, "dead", "replay", "--all", "--listener", "charge", "--json")
     assert result.returncode == 0, result.stderr
     lines = json_lines(result.stdout)
     assert [line["id"] for line in lines if line.get("action") == "replayed"] == charge_ids
-    assert lines[-1] == {"summary": "replayed", "count": 4, "queues": {world.queue: 4}}
+    assert lines[-1] == {"summary": "replayed", "count": 2, "queues": {world.queue: 2}}
 
-    assert await order_of(world, world.dead) == ids[0::2]
-    assert await world.settled(world.queue, 4) == 4
-    replayed = await world.drain(world.queue)
-    assert [m.message_id for m in replayed] == charge_ids
-    processor = world.app().processor()
-    for message in replayed:
-        headers = dict(message.headers or {})
-        assert headers[H_ATTEMPT] == 1
-        assert headers[H_REPLAYS] == 1
-        assert H_DEAD_REASON not in headers
-        assert H_ERROR_TYPE not in headers
-        incoming = IncomingMessage(
-            queue=world.queue,
-            body=message.body,
-            headers=headers,
-            message_id=message.message_id,
-            content_type=message.content_type,
-        )
-        assert isinstance(await processor.process(incoming), Handled)  # the bug is fixed: the worker handles it
+    assert await world.peek(world.dead) == others
+    assert await world.settled(world.queue, 2) == 2
+    work_queue = await world.peek(world.queue)
+    assert work_queue == charge_ids
+    channel = await world.connection.channel()
+    q = await channel.declare_queue(world.queue, passive=True)
+    copy = await q.get(no_ack=False)
+    headers = dict(copy.headers or {})
+    assert headers[H_ATTEMPT] == 1
+    assert headers[H_REPLAYS] == 1
+    assert H_DEAD_REASON not in headers
+    assert H_ERROR_TYPE not in headers
+    await channel.close()  # back into the queue for the worker
+
+    stats = await world.run_worker(len(charge_ids))  # the bug is fixed: the real worker handles them
+    assert stats.handled == len(charge_ids)
+    assert stats.dead_lettered == 0
+    assert await world.ready(world.queue) == 0
+    assert await order_of(world, world.dead) == others
+
+
+async def test_long_replay_takes_fresh_snapshots_and_keeps_order(world: World) -> None:
+    """A replay longer than the hold budget returns its snapshot and takes another: same result, same order."""
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(6)], {"mail", "charge"})
+    listeners = dict(await world.peek_listeners(world.dead))
+    charge_ids = [i for i in ids if listeners[i] == "charge"]
+
+    class CountingAdmin(DeadLetterAdmin):
+        snapshots = 0
+
+        def _snapshot(self, dead_queue: str) -> Any:
+            self.snapshots += 1
+            return super()._snapshot(dead_queue)
+
+    admin = CountingAdmin(world.settings, [world.queue], hold_seconds=0.05)
+    async with admin:
+        moved = await admin.replay(DeadFilter(listener="charge"), rate=40)
+    assert admin.snapshots >= 3
+    assert [m.message_id for m in moved] == charge_ids
+    assert await world.peek(world.dead) == [i for i in ids if listeners[i] == "mail"]
+    assert await world.settled(world.queue, 6) == 6
+    assert await world.peek(world.queue) == charge_ids
 
 
 async def test_replay_by_id_and_unknown_id(quorum_world: World) -> None:
@@ -533,12 +579,12 @@ async def test_export_then_import_round_trips_byte_for_byte(quorum_world: World,
         ),
         routing_key=world.dead,
     )
-    # A letter the broker dead-lettered itself (delivery limit 1: delivered twice, nacked twice).
+    # A letter the broker dead-lettered itself (delivery limit 3: a worker "died" on it 4 times).
     await world.channel.default_exchange.publish(
         aio_pika.Message(b'{"id":"k"}', message_id="killer", delivery_mode=2), routing_key=world.queue
     )
     work = await world.channel.declare_queue(world.queue, passive=True)
-    for _ in range(2):
+    for _ in range(4):
         message = None
         deadline = time.monotonic() + 5
         while message is None and time.monotonic() < deadline:

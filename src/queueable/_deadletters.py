@@ -644,7 +644,7 @@ class DeadLetterAdmin:
     module docstring); it holds those messages unacked meanwhile, so keep one operation per queue at a time.
     """
 
-    def __init__(self, settings: Settings, queues: Iterable[str]) -> None:
+    def __init__(self, settings: Settings, queues: Iterable[str], *, hold_seconds: float = 600.0) -> None:
         if settings.scheme not in ("amqp", "amqps"):
             msg = (
                 "dead letters live in RabbitMQ: set QUEUEABLE_URL or --url to amqp://... "
@@ -660,6 +660,8 @@ class DeadLetterAdmin:
         if not names:
             names.append(settings.default_queue)
         self.queues = names
+        #: The longest a replay or purge holds one snapshot before returning it and taking a fresh one.
+        self.hold_seconds = hold_seconds
         self._connection: aio_pika.abc.AbstractConnection | None = None
 
     @classmethod
@@ -954,24 +956,63 @@ class DeadLetterAdmin:
             except QueueNotFoundError as exc:
                 missing.append(exc)
                 continue
-            async with self._snapshot(dead_queue) as held:
-                for item in held:
-                    if limit is not None and len(done) >= limit:
-                        break
-                    if not flt.matches(item.message):
-                        continue
-                    started = time.monotonic()
-                    if action is not None:
-                        await action(item.message)
-                    await item.raw.ack()
-                    item.settled = True
-                    done.append(item.message)
-                    if progress is not None:
-                        progress(item.message)
-                    if interval:
-                        await asyncio.sleep(max(interval - (time.monotonic() - started), 0.0))
+            seen: set[str | None] = set()
+            more = True
+            while more and (limit is None or len(done) < limit):
+                # One snapshot is held for at most hold_seconds, far below the broker's consumer timeout
+                # (30 min on 3.10), which would close the channel and take every held message back.
+                more = await self._move_batch(dead_queue, flt, limit, interval, progress, action, done, seen)
         _raise_if_all_missing(missing, len(self.dead_queues))
         return done
+
+    async def _move_batch(  # noqa: PLR0917 - the state of one _move call, split for the time budget
+        self,
+        dead_queue: str,
+        flt: DeadFilter,
+        limit: int | None,
+        interval: float,
+        progress: Callable[[DeadMessage], None] | None,
+        action: Callable[[DeadMessage], Any] | None,
+        done: list[DeadMessage],
+        seen: set[str | None],
+    ) -> bool:
+        """Process one snapshot; True when the time budget ran out with work left (take another snapshot).
+
+        ``seen`` holds the ids handled in earlier snapshots of this run: a replayed message that a running
+        worker dead-letters again meanwhile is not replayed a second time by the same command.
+        """
+        opened = time.monotonic()
+        handled_here: set[str | None] = set()
+        async with self._snapshot(dead_queue) as held:
+            for item in held:
+                if limit is not None and len(done) >= limit:
+                    return False
+                message = item.message
+                if message.message_id in seen or not flt.matches(message):
+                    continue
+                if handled_here and time.monotonic() - opened > self.hold_seconds:
+                    seen.update(handled_here)
+                    return True
+                started = time.monotonic()
+                if action is not None:
+                    await action(message)
+                try:
+                    await item.raw.ack()
+                except Exception as exc:
+                    copy = "a copy was already published, so it now exists twice; " if action else ""
+                    msg = (
+                        f"could not remove {message.message_id} from {dead_queue} ({type(exc).__qualname__}: "
+                        f"{exc}): {copy}{len(done)} were done before it. Run the same command again."
+                    )
+                    raise QueueableError(msg) from exc
+                item.settled = True
+                handled_here.add(message.message_id)
+                done.append(message)
+                if progress is not None:
+                    progress(message)
+                if interval:
+                    await asyncio.sleep(max(interval - (time.monotonic() - started), 0.0))
+        return False
 
 
 async def _return_unsettled(channel: aio_pika.abc.AbstractChannel, held: list[_Held]) -> None:
