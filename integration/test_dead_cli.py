@@ -31,7 +31,15 @@ from queueable import App, Reject, RetryPolicy, Settings, event
 from queueable._consumer import DeadLetter
 from queueable._deadletters import DeadFilter, DeadLetterAdmin
 from queueable._dispatcher import build_messages
-from queueable._wire import H_ATTEMPT, H_DEAD_REASON, H_ERROR_TYPE, H_LISTENER, H_REPLAYS, IncomingMessage
+from queueable._wire import (
+    H_ATTEMPT,
+    H_DEAD_REASON,
+    H_ERROR_TYPE,
+    H_LISTENER,
+    H_REPLAYS,
+    IncomingMessage,
+    OutgoingMessage,
+)
 from queueable._worker import Worker, WorkerOptions, WorkerStats
 from queueable.transport.rabbitmq import RabbitMQTransport
 
@@ -661,6 +669,29 @@ async def test_status_reports_ready_and_consumers(quorum_world: World) -> None:
     assert human.returncode == 0, human.stderr
     assert "missing" in human.stdout
     assert "2 dead letters" in human.stderr
+
+
+async def test_status_finds_delay_queues(quorum_world: World) -> None:
+    """A delay queue that holds a retry shows up in status with its ready count; absent buckets do not."""
+    world = quorum_world
+    transport = RabbitMQTransport(world.settings, queues=[world.queue])
+    try:
+        await transport.publish_retry(
+            OutgoingMessage(queue=world.queue, body=b"{}", headers={H_LISTENER: "mail"}), 60
+        )
+    finally:
+        await transport.close()
+    try:
+        result = await asyncio.to_thread(cli, world, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        rows = json_lines(result.stdout)
+        assert [row["queue"] for row in rows] == [world.queue, world.dead, world.queue + ".delay.64000"]
+        assert rows[2]["kind"] == "delay"
+        assert rows[2]["ready"] == 1
+    finally:
+        channel = await world.connection.channel()
+        await channel.queue_delete(world.queue + ".delay.64000")
+        await channel.close()
 
 
 async def test_admin_replay_stops_on_an_unroutable_queue(quorum_world: World) -> None:

@@ -18,6 +18,7 @@ from queueable._deadletters import (
     DeadMessage,
     ExportFormatError,
     QueueKind,
+    QueueStatus,
     decode_export_line,
     dry_run,
     encode_export_line,
@@ -418,3 +419,74 @@ def test_cli_memory_url_is_a_configuration_error() -> None:
     result = CliRunner().invoke(main, ["dead", "list"], env={"QUEUEABLE_URL": "memory://"})
     assert result.exit_code == 5
     assert "dead letters live in RabbitMQ" in result.output
+
+
+# -- status through the management API --------------------------------------------------------------------
+
+
+@pytest.fixture(name="management")
+def fixture_management() -> Any:
+    """A local stand-in for RabbitMQ's management API that answers GET /api/queues/<vhost>."""
+    import threading  # noqa: PLC0415
+    from http.server import BaseHTTPRequestHandler, HTTPServer  # noqa: PLC0415
+
+    seen: list[tuple[str, str | None]] = []
+    queues = [
+        {"name": "jobs", "messages_ready": 4, "messages_unacknowledged": 2, "consumers": 3},
+        {"name": "jobs.dead", "messages_ready": 1, "messages_unacknowledged": 0, "consumers": 0},
+        {"name": "jobs.delay.1000", "messages_ready": 7, "messages_unacknowledged": 0, "consumers": 0},
+        {"name": "jobs.delay.250", "messages_ready": 1, "messages_unacknowledged": 0, "consumers": 0},
+        {"name": "other.delay.250", "messages_ready": 9, "messages_unacknowledged": 0, "consumers": 0},
+    ]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps(queues).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://admin:s3cret@127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_management_status_adds_unacked_and_delay_queues(management: Any) -> None:
+    """The management API fills in unacked counts and lists this queue's delay queues, sorted by delay."""
+    from queueable.cli.status import management_status  # noqa: PLC0415
+
+    url, seen = management
+    rows = [
+        QueueStatus("jobs", QueueKind.WORK, exists=True, ready=4, consumers=3),
+        QueueStatus("jobs.dead", QueueKind.DEAD, exists=True, ready=1, consumers=0),
+    ]
+    completed = management_status(url, "/", ["jobs"], rows)
+    assert [(r.name, r.ready, r.unacked) for r in completed] == [
+        ("jobs", 4, 2),
+        ("jobs.dead", 1, 0),
+        ("jobs.delay.250", 1, 0),
+        ("jobs.delay.1000", 7, 0),
+    ]
+    path, auth = seen[0]
+    assert path.startswith("/api/queues/%2F?")
+    assert auth == "Basic YWRtaW46czNjcmV0"
+
+
+def test_management_status_unreachable_is_a_broker_error() -> None:
+    """A management URL that does not answer exits 3 with one line, without the password."""
+    from queueable.cli._common import CliError  # noqa: PLC0415
+    from queueable.cli.status import management_status  # noqa: PLC0415
+
+    with pytest.raises(CliError) as caught:
+        management_status("http://guest:topsecret@127.0.0.1:1", "/", ["jobs"], [])
+    assert caught.value.exit_code == 3
+    assert "topsecret" not in caught.value.format_message()
