@@ -182,3 +182,16 @@ def test_an_app_with_the_embedded_transport_runs_queued_listeners_before_close_r
     with SyncDispatcher(app) as events:
         events.dispatch(COMMENT)
     assert recorder.names == ["notify_author"]
+
+
+def test_dispatching_from_the_loop_thread_is_refused_instead_of_deadlocking(
+    provider: ListenerProvider, events: SyncDispatcher
+):
+    """An inline listener that calls the blocking dispatcher on its own loop thread gets RuntimeError."""
+
+    def reenter(event: CommentPosted) -> None:
+        events.dispatch(CommentPosted(post_id=0, author="loop", text="again"))
+
+    provider.add_listener(reenter, in_thread=False)
+    with pytest.raises(RuntimeError, match="own loop thread"):
+        events.dispatch(COMMENT)

@@ -115,13 +115,10 @@ class SyncDispatcher:
     def run(self, coro: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
         """Run ``coro`` on the loop thread, in a copy of the caller's context, and return its result."""
         try:
-            loop = self._running_loop()
+            future = self._submit(coro)
         except BaseException:
             coro.close()
             raise
-        future = asyncio.run_coroutine_threadsafe(coro, loop)  # copies the caller's contextvars
-        with self._lock:
-            self._inflight.add(future)
         limit = self.timeout if timeout is None else timeout
         try:
             return future.result(limit)
@@ -140,27 +137,33 @@ class SyncDispatcher:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        # Under the lock, so close() either sees this dispatch in flight or refuses it: never cancels it half-way.
         with self._lock:
-            if self._closed:
-                raise TransportClosedError("the SyncDispatcher is closed")
-            if self._loop is not None and self._pid != os.getpid():
-                # A forked child inherited the object but not the thread: start afresh.
-                self._loop = None
-                self._thread = None
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                started = threading.Event()
-                thread = threading.Thread(
-                    target=_run_loop, args=(loop, started), name=self.thread_name, daemon=True
-                )
-                thread.start()
-                started.wait()
-                self._loop, self._thread, self._pid = loop, thread, os.getpid()
-            if self._thread is not None and threading.get_ident() == self._thread.ident:
-                msg = "SyncDispatcher.dispatch() called on its own loop thread: use the async dispatcher there"
-                raise RuntimeError(msg)
-            return self._loop
+            loop = self._running_loop()
+            future = asyncio.run_coroutine_threadsafe(coro, loop)  # copies the caller's contextvars
+            self._inflight.add(future)
+            return future
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop, started if needed; call with ``_lock`` held."""
+        if self._closed:
+            raise TransportClosedError("the SyncDispatcher is closed")
+        if self._loop is not None and self._pid != os.getpid():
+            # A forked child inherited the object but not the thread: start afresh.
+            self._loop = None
+            self._thread = None
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+            thread = threading.Thread(target=_run_loop, args=(loop, started), name=self.thread_name, daemon=True)
+            thread.start()
+            started.wait()
+            self._loop, self._thread, self._pid = loop, thread, os.getpid()
+        if self._thread is not None and threading.get_ident() == self._thread.ident:
+            msg = "SyncDispatcher.dispatch() called on its own loop thread: use the async dispatcher there"
+            raise RuntimeError(msg)
+        return self._loop
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop accepting dispatches, wait for in-flight ones, close the transport, stop the loop thread.
@@ -168,6 +171,9 @@ class SyncDispatcher:
         Idempotent. ``timeout`` bounds the wait for in-flight dispatches and the transport's close.
         """
         with self._lock:
+            if self._thread is not None and threading.get_ident() == self._thread.ident:
+                msg = "SyncDispatcher.close() called on its own loop thread"
+                raise RuntimeError(msg)
             if self._closed:
                 return
             self._closed = True

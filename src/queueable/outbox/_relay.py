@@ -112,7 +112,6 @@ class Relay:
                 result = await self.run_once()
             except Exception:
                 log.exception("relay round failed; retrying in %.1f s", max(self.interval, 1.0))
-                result = RelayResult(0, 0, 0)
                 await _wait(stop, max(self.interval, 1.0))
                 continue
             if result.claimed < self.batch_size:
