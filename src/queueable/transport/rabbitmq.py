@@ -736,6 +736,9 @@ async def _publish_one(
             routing_key=routing_key,
             properties=_properties(message),
             mandatory=True,
+            # Do not hold the channel lock until the socket drained this frame: concurrent publishes then
+            # share writes. Safe because success is the broker's confirm, never the write.
+            wait=False,
         )
     except asyncio.CancelledError:
         task = asyncio.current_task()
