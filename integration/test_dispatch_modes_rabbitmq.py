@@ -66,7 +66,7 @@ async def test_a_sync_dispatch_with_the_broker_down_raises_in_the_caller(unique:
 
 async def test_deferred_events_reach_a_real_worker_after_the_block(world: World):
     """deferred() on the real transport: nothing on the broker inside the block, all handled after it."""
-    consumer = await world.start()
+    await world.start()
     app = await world.app()
     ids = [f"d{i}" for i in range(20)]
     async with app.dispatcher.deferred():
@@ -75,7 +75,7 @@ async def test_deferred_events_reach_a_real_worker_after_the_block(world: World)
         await asyncio.sleep(0.3)
         assert world.handled() == {}
 
-    counts = await world.until_handled(ids, timeout=20, consumer=consumer)
+    counts = await world.until_handled(ids, timeout=20)
     assert all(counts[event_id] == 1 for event_id in ids)
 
 

@@ -40,7 +40,7 @@ def fixture_table(engine: sa.Engine) -> Iterator[sa.Table]:
 
 @pytest.fixture(name="app")
 async def fixture_app(world: World) -> App:
-    return await world.app(publish_timeout=5.0)
+    return await world.app()
 
 
 @pytest.fixture(name="outbox")
