@@ -138,10 +138,10 @@ class World:
         self.consumers.append(consumer)
         return consumer
 
-    async def start(self, *args: str, timeout: float = 20) -> Consumer:
+    async def start(self, *args: str, env: dict[str, str] | None = None, timeout: float = 20) -> Consumer:
         """Start a consumer and wait until the broker shows one more consumer on the work queue."""
         before = await self.consumer_count()
-        consumer = self.spawn(*args)
+        consumer = self.spawn(*args, env=env)
         await self.until(
             lambda count: count > before,
             self.consumer_count,
@@ -232,9 +232,10 @@ class World:
             await connection.close()
         return taken
 
-    async def app(self, url: str | None = None) -> App:
-        """A producer-side app for this world (closed at teardown)."""
-        app = recorder.create_app(url=url or self.url, default_queue=self.queue, exchange=self.exchange)
+    async def app(self, **overrides: Any) -> App:
+        """A producer-side app for this world, with settings ``overrides`` (closed at teardown)."""
+        overrides = {"url": self.url, "default_queue": self.queue, "exchange": self.exchange, **overrides}
+        app = recorder.create_app(**overrides)
         self._apps.append(app)
         return app
 
@@ -268,14 +269,18 @@ class World:
     def records(self) -> list[recorder.Line]:
         return recorder.read_records(self.record_path)
 
-    async def until_handled(self, ids: Sequence[str], timeout: float = 30) -> Counter[str]:
-        """Wait until every id in ``ids`` was handled at least once; the counts."""
+    async def until_handled(
+        self, ids: Sequence[str], timeout: float = 30, consumer: Consumer | None = None
+    ) -> Counter[str]:
+        """Wait until every id in ``ids`` was handled at least once (failing early if ``consumer`` exits)."""
         wanted = set(ids)
 
         async def missing() -> set[str]:
             return wanted - set(self.handled())
 
-        await self.until(lambda left: not left, missing, timeout=timeout, what="every event to be handled")
+        await self.until(
+            lambda left: not left, missing, timeout=timeout, what="every event to be handled", consumer=consumer
+        )
         return self.handled()
 
     async def until(

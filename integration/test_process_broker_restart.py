@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
 from typing import TYPE_CHECKING
 
 import aio_pika
 import pytest
 
+from apps.recorder import Job, Slow
+from queueable import QueueableError
+
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from _consumer_process import World
     from _rabbit_node import RabbitNode
 
 pytestmark = pytest.mark.slow
+
+PUBLISH_TIMEOUT = 3.0
 
 
 async def test_private_node_keeps_durable_messages_across_a_restart(rabbit_node: RabbitNode, unique: str) -> None:
@@ -35,3 +46,89 @@ async def test_private_node_keeps_durable_messages_across_a_restart(rabbit_node:
         await queue.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
+
+
+async def test_broker_restart_while_publishing_loses_no_confirmed_dispatch(
+    rabbit_node: RabbitNode, private_world: World
+) -> None:
+    """Every dispatch that returned during a broker restart is handled; the ones that failed raised clearly."""
+    world = private_world
+    consumer = await world.start()
+    app = await world.app(publish_timeout=PUBLISH_TIMEOUT)
+    ok: list[str] = []
+    failed: list[tuple[str, BaseException]] = []
+    hung: list[str] = []
+    slowest = 0.0
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        nonlocal slowest
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            event_id = f"pub-{i}"
+            began = time.monotonic()
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT + 10):
+                    await app.dispatch(Job(id=event_id))
+            except TimeoutError:
+                hung.append(event_id)
+            except Exception as exc:
+                failed.append((event_id, exc))
+            else:
+                ok.append(event_id)
+            slowest = max(slowest, time.monotonic() - began)
+            await asyncio.sleep(0.02)
+
+    publisher = asyncio.create_task(publish())
+    try:
+        await world.until(lambda n: n >= 20, _len(ok), timeout=15, what="20 confirmed dispatches")
+        await asyncio.to_thread(rabbit_node.restart)
+        after_restart = len(ok)
+        await world.until(
+            lambda n: n >= after_restart + 20, _len(ok), timeout=30, what="dispatches to succeed after the restart"
+        )
+    finally:
+        stop.set()
+        await publisher
+
+    assert failed or slowest > 1, "no dispatch noticed the restart: the test proved nothing"
+    assert not hung, f"dispatches neither returned nor raised within the publish timeout: {hung}"
+    unclear = [(event_id, repr(exc)) for event_id, exc in failed if not isinstance(exc, QueueableError)]
+    assert not unclear, f"dispatches failed with an exception that is not a QueueableError: {unclear}"
+    counts = await world.until_handled(ok, timeout=45)
+    assert set(ok) <= set(counts)
+    assert consumer.returncode is None, "the consumer should survive a broker restart by itself"
+
+
+async def test_broker_restart_while_consuming_loses_nothing_and_the_consumer_recovers(
+    rabbit_node: RabbitNode, private_world: World
+) -> None:
+    """A consumer busy when its broker restarts reconnects by itself and handles every message (at least once)."""
+    world = private_world
+    consumer = await world.start("--concurrency", "2", "--prefetch", "4")
+    app = await world.app()
+    ids = [f"work-{i}" for i in range(60)]
+    for event_id in ids:
+        await app.dispatch(Slow(id=event_id, seconds=0.1))
+    await app.close()
+
+    async def handled() -> int:
+        return len(world.handled())
+
+    await world.until(lambda n: n >= 8, handled, timeout=15, what="8 messages to be handled")
+    await asyncio.to_thread(rabbit_node.restart)
+    assert len(world.handled()) < len(ids), "every message was handled before the restart: the test proved nothing"
+
+    counts = await world.until_handled(ids, timeout=45, consumer=consumer)
+
+    assert set(counts) == set(ids)
+    assert consumer.returncode is None
+    assert {line.pid for line in world.records()} == {consumer.pid}  # the same process, recovered by itself
+
+
+def _len(items: list[str]) -> Callable[[], Awaitable[int]]:
+    async def probe() -> int:
+        return len(items)
+
+    return probe

@@ -2,7 +2,8 @@
 
 ``queueable-consume apps.recorder:create_app`` (with ``integration/`` on ``PYTHONPATH``) builds it from the
 environment: ``QUEUEABLE_URL``, ``QUEUEABLE_QUEUE`` and ``QUEUEABLE_EXCHANGE`` (unique per test), and
-``QTEST_RECORD``, the file each listener appends a line to (``<kind> <event id> <pid>``) with one ``write`` on an
+``QTEST_RECORD``, the file each listener appends a line to (``<kind> <event id> <pid> <unix time>``) with one
+``write`` on an
 ``O_APPEND`` descriptor, so lines from several processes never interleave and a SIGKILL loses nothing that a
 listener reported before it returned. The test process imports the same module and dispatches with
 ``create_app(url=..., default_queue=..., exchange=...)``, so both sides agree on listener ids and event names.
@@ -12,13 +13,15 @@ Listeners (all on the default queue, retried 3 times, 0.2 s then 0.4 s apart, no
 - ``record_job(Job)``: records ``handled``.
 - ``flaky(Flaky)``: records ``attempt``; raises until it has seen ``failures`` attempts, then records ``handled``.
 - ``doomed(Doomed)``: records ``attempt`` and always raises ``RuntimeError("doomed <id>")``.
-- ``slow(Slow)``: records ``started``, sleeps ``seconds``, records ``handled``.
+- ``slow(Slow)``: records ``started``, sleeps ``seconds`` (``then_seconds`` when this id has started before, if
+  set), records ``handled``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +55,15 @@ class Doomed(BaseModel):
 class Slow(BaseModel):
     id: str
     seconds: float
+    then_seconds: float | None = None
 
 
 def record(kind: str, event_id: str) -> None:
-    """Append ``<kind> <event_id> <pid>`` to the file named by ``QTEST_RECORD`` (one atomic write)."""
+    """Append ``<kind> <event_id> <pid> <time>`` to the file named by ``QTEST_RECORD`` (one atomic write)."""
     path = os.environ[RECORD_ENV]
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{kind} {event_id} {os.getpid()}\n".encode())
+        os.write(fd, f"{kind} {event_id} {os.getpid()} {time.time():.6f}\n".encode())
     finally:
         os.close(fd)
 
@@ -71,6 +75,7 @@ class Line:
     kind: str
     id: str
     pid: int
+    at: float
 
 
 def read_records(path: Path) -> list[Line]:
@@ -79,8 +84,8 @@ def read_records(path: Path) -> list[Line]:
         return []
     lines = []
     for raw in path.read_text().splitlines():
-        kind, event_id, pid = raw.split(" ")
-        lines.append(Line(kind, event_id, int(pid)))
+        kind, event_id, pid, at = raw.split(" ")
+        lines.append(Line(kind, event_id, int(pid), float(at)))
     return lines
 
 
@@ -89,10 +94,10 @@ def handled_counts(path: Path) -> Counter[str]:
     return Counter(line.id for line in read_records(path) if line.kind == "handled")
 
 
-def attempts_of(event_id: str) -> int:
-    """How many attempts were recorded for ``event_id`` (by any process)."""
+def count_of(kind: str, event_id: str) -> int:
+    """How many ``kind`` lines were recorded for ``event_id`` (by any process)."""
     path = Path(os.environ[RECORD_ENV])
-    return sum(1 for line in read_records(path) if line.kind == "attempt" and line.id == event_id)
+    return sum(1 for line in read_records(path) if line.kind == kind and line.id == event_id)
 
 
 async def record_job(event: Job) -> None:
@@ -101,7 +106,7 @@ async def record_job(event: Job) -> None:
 
 async def flaky(event: Flaky) -> None:
     record("attempt", event.id)
-    if attempts_of(event.id) <= event.failures:
+    if count_of("attempt", event.id) <= event.failures:
         msg = f"flaky {event.id} fails"
         raise RuntimeError(msg)
     record("handled", event.id)
@@ -115,7 +120,8 @@ async def doomed(event: Doomed) -> None:
 
 async def slow(event: Slow) -> None:
     record("started", event.id)
-    await asyncio.sleep(event.seconds)
+    again = event.then_seconds is not None and count_of("started", event.id) > 1
+    await asyncio.sleep(event.then_seconds if again and event.then_seconds is not None else event.seconds)
     record("handled", event.id)
 
 

@@ -1,0 +1,110 @@
+"""Signals to the ``queueable-consume`` process: SIGTERM is a graceful shutdown, SIGKILL loses nothing."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from apps.recorder import Job, Slow
+
+if TYPE_CHECKING:
+    from _consumer_process import World
+
+pytestmark = pytest.mark.slow
+
+
+def _started(world: World) -> set[str]:
+    return {line.id for line in world.records() if line.kind == "started"}
+
+
+async def test_sigterm_lets_in_flight_handlers_finish_exits_0_and_loses_nothing(world: World) -> None:
+    """On SIGTERM in-flight handlers finish, the process exits 0, and the rest is left for the next consumer."""
+    # prefetch > concurrency: 3 handlers run, 3 more wait in the worker's buffer and must go back to the queue.
+    consumer = await world.start("--concurrency", "3", "--prefetch", "6", "--shutdown-timeout", "10")
+    app = await world.app()
+    ids = [f"slow-{i}" for i in range(9)]
+    for event_id in ids:
+        await app.dispatch(Slow(id=event_id, seconds=1.5, then_seconds=0.05))
+
+    async def started() -> set[str]:
+        return _started(world)
+
+    in_flight = await world.until(lambda s: len(s) >= 3, started, timeout=10, what="3 handlers to start")
+    consumer.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+
+    assert await consumer.wait(timeout=15) == 0, world.outputs()
+    assert time.monotonic() - signalled < 10 + 3  # within the shutdown timeout (plus process exit)
+    finished = set(world.handled())
+    assert in_flight <= finished, f"in flight at SIGTERM {sorted(in_flight)}, finished {sorted(finished)}"
+    assert len(finished) < len(ids), "every message was handled before SIGTERM: the test proved nothing"
+
+    await world.start("--concurrency", "9")
+    counts = await world.until_handled(ids, timeout=20)
+
+    assert all(n == 1 for n in counts.values()), counts  # in-flight ones were acked, not requeued too
+
+
+async def test_sigterm_requeues_handlers_that_outlive_the_shutdown_timeout(world: World) -> None:
+    """Handlers still running when the shutdown timeout expires are requeued and handled by the next consumer."""
+    consumer = await world.start("--concurrency", "2", "--shutdown-timeout", "1")
+    app = await world.app()
+    ids = ["stuck-1", "stuck-2"]
+    for event_id in ids:
+        await app.dispatch(Slow(id=event_id, seconds=60, then_seconds=0.05))
+
+    async def started() -> set[str]:
+        return _started(world)
+
+    await world.until(lambda s: s == set(ids), started, timeout=10, what="both handlers to start")
+    consumer.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+
+    code = await consumer.wait(timeout=10)
+    assert time.monotonic() - signalled < 1 + 5
+    assert code >= 0, f"killed by signal {-code}:\n{world.outputs()}"
+    assert world.handled() == {}
+
+    await world.start()
+    counts = await world.until_handled(ids, timeout=15)
+
+    assert counts == {"stuck-1": 1, "stuck-2": 1}
+
+
+async def test_sigkill_mid_batch_loses_nothing_a_new_consumer_handles_the_rest(world: World) -> None:
+    """After SIGKILL, a new consumer handles every message the dead one had not acked (at least once)."""
+    consumer = await world.start("--concurrency", "2", "--prefetch", "10")
+    app = await world.app()
+    ids = [f"batch-{i}" for i in range(40)]
+    for event_id in ids:
+        await app.dispatch(Slow(id=event_id, seconds=0.1))
+
+    async def handled() -> int:
+        return len(world.handled())
+
+    await world.until(lambda n: n >= 6, handled, timeout=15, what="6 messages to be handled")
+    consumer.signal(signal.SIGKILL)
+    assert await consumer.wait(timeout=5) == -signal.SIGKILL
+    before = set(world.handled())
+    assert len(before) < len(ids), "every message was handled before SIGKILL: the test proved nothing"
+
+    await world.start("--concurrency", "8")
+    counts = await world.until_handled(ids, timeout=20)
+
+    assert set(counts) == set(ids)  # at least once: unique ids handled == N
+    assert sum(counts.values()) <= len(ids) + 2  # only the ones in flight at the kill may run twice
+
+
+async def test_consumer_exits_0_on_sigint_when_idle(world: World) -> None:
+    """SIGINT (Ctrl-C) is a graceful shutdown too: an idle consumer exits 0 promptly."""
+    consumer = await world.start()
+    app = await world.app()
+    await app.dispatch(Job(id="one"))
+    await world.until_handled(["one"], timeout=10)
+
+    consumer.signal(signal.SIGINT)
+
+    assert await consumer.wait(timeout=10) == 0, world.outputs()
