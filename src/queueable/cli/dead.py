@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
@@ -264,7 +265,10 @@ def _render(message: DeadMessage, *, copies: int) -> str:
     ]
     lines.extend(f"{(name + ':').ljust(16)} {value if value is not None else '-'}" for name, value in fields)
     lines.append("properties:")
-    lines.extend(f"  {k}: {v}" for k, v in details["properties"].items())
+    for key, value in details["properties"].items():
+        if key == "timestamp" and isinstance(value, int):
+            value = f"{value} ({datetime.fromtimestamp(value, UTC).isoformat()})"  # noqa: PLW2901 - shown as text
+        lines.append(f"  {key}: {value}")
     lines.append("headers:")
     lines.extend(f"  {k}: {v}" for k, v in details["headers"].items() if k != "x-queueable-error-traceback")
     if message.traceback:
