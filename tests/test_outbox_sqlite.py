@@ -345,3 +345,35 @@ def test_threads_share_no_outbox_scope(engine: sa.Engine, outbox_app: App):
         other.join()
         seen.append(len(scope.messages))
     assert seen == [0]
+
+
+@pytest.fixture(name="app_module")
+def fixture_app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "relay_cli_app.py").write_text(
+        "from queueable import App, Settings\napp = App(settings=Settings(url='amqp://guest:guest@127.0.0.1:1/'))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "relay_cli_app:app"
+
+
+def test_the_relay_command_refuses_the_memory_transport(app_module: str, db_url: str):
+    """Relaying into an in-process memory transport would lose the rows: exit 5 with the reason."""
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from queueable.cli import main  # noqa: PLC0415
+
+    result = CliRunner().invoke(main, ["relay", app_module, "--db", db_url, "--url", "memory://"])
+    assert result.exit_code == 5
+    assert "needs a broker" in result.output
+
+
+def test_the_relay_command_reports_a_bad_database_url(app_module: str):
+    """An unknown database dialect is a configuration error (exit 5), not a traceback."""
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from queueable.cli import main  # noqa: PLC0415
+
+    result = CliRunner().invoke(main, ["relay", app_module, "--db", "nosuchdb://x/y"])
+    assert result.exit_code == 5
+    assert "cannot use database URL" in result.output

@@ -105,7 +105,6 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
     rows are published again, with the same message ids, once the lease expires. SIGTERM or SIGINT finishes
     the current batch and exits.
     """
-    configure_logging(log_level, log_format)
     loaded, settings = resolve_settings(app, url)
     assert loaded is not None
     if settings.scheme == "memory":
@@ -137,6 +136,7 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
         interval=interval,
         retry_delay=retry_delay,
     )
+    configure_logging(log_level, log_format)
     try:
         asyncio.run(_run(worker, once=once))
     finally:
