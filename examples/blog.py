@@ -59,12 +59,17 @@ class Stats:
     """An in-process listener: cheap work that may run inside the request."""
 
     def __init__(self) -> None:
-        self.comments = 0
+        self.by_post: dict[int, int] = {}
+
+    @property
+    def comments(self) -> int:
+        """Comments counted so far."""
+        return sum(self.by_post.values())
 
     @listener()
     def count(self, event: CommentPosted) -> None:
-        """Count comments (in-process, immediately)."""
-        self.comments += 1
+        """Count comments per post (in-process, immediately)."""
+        self.by_post[event.post_id] = self.by_post.get(event.post_id, 0) + 1
 
 
 app = App()
