@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import ssl
@@ -21,6 +22,7 @@ from queueable.transport.rabbitmq import (
     DELAY_QUEUE_GRACE_MS,
     DELAY_REDECLARE_S,
     MAX_DELAY_MS,
+    AckCoalescer,
     RabbitMQTransport,
     _properties,
     _safe_cause,
@@ -326,3 +328,104 @@ def test_tls_and_broker_options_from_environment():
     assert settings.connect_timeout == 2.5
     with pytest.raises(ConfigurationError, match="QUEUEABLE_TLS_VERIFY"):
         Settings.from_env({"QUEUEABLE_TLS_VERIFY": "perhaps"})
+
+
+# -- ack coalescing ----------------------------------------------------------------------------------
+
+
+class FrameRecorder:
+    """Stands in for an aiormq channel: records ack and nack frames in the order they are written."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, int, bool]] = []
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        self.frames.append(("ack", tag, multiple))
+
+    async def basic_nack(self, tag: int, multiple: bool = False, requeue: bool = True, wait: bool = True) -> None:
+        self.frames.append(("nack", tag, multiple))
+
+
+def coalescer(tags: range) -> tuple[AckCoalescer, FrameRecorder]:
+    channel = FrameRecorder()
+    acks = AckCoalescer(channel)  # type: ignore[arg-type]
+    for tag in tags:
+        acks.track(tag)
+    return acks, channel
+
+
+async def test_acks_finishing_together_become_one_multiple_ack():
+    """Handlers finishing in the same loop iteration are acked with one multiple=True frame."""
+    acks, channel = coalescer(range(1, 6))
+    await asyncio.gather(*(acks.ack(tag) for tag in range(1, 6)))
+    assert channel.frames == [("ack", 5, True)]
+
+
+async def test_ack_behind_a_running_handler_is_sent_alone_at_once():
+    """An ack behind a delivery still in progress is not held back, and no multiple ack covers the running one."""
+    acks, channel = coalescer(range(1, 4))
+    await acks.ack(2)
+    await acks.ack(3)
+    assert channel.frames == [("ack", 2, False), ("ack", 3, False)]
+    await acks.ack(1)
+    assert channel.frames[-1] == ("ack", 1, False)  # 2 and 3 are already acked: tag 1 alone
+
+
+async def test_nack_is_never_covered_by_a_multiple_ack():
+    """A nacked delivery in the middle is written before the multiple ack that passes over it."""
+    acks, channel = coalescer(range(1, 5))
+    await acks.nack(2)
+    await asyncio.gather(acks.ack(1), acks.ack(3), acks.ack(4))
+    assert channel.frames[0] == ("nack", 2, False)
+    assert channel.frames[1:] == [("ack", 4, True)]
+
+
+async def test_gap_in_tags_stops_the_multiple_ack():
+    """A delivery tag not yet seen (its callback has not run) is never covered by a multiple ack."""
+    acks, channel = coalescer(range(1, 4))  # tag 4 missing
+    acks.track(5)
+    await asyncio.gather(acks.ack(1), acks.ack(2), acks.ack(3), acks.ack(5))
+    assert ("ack", 3, True) in channel.frames
+    assert ("ack", 5, False) in channel.frames
+    assert not any(multiple and tag >= 4 for _, tag, multiple in channel.frames)
+
+
+async def test_unknown_tag_is_acked_alone():
+    """An ack for a tag the coalescer never tracked goes out on its own."""
+    acks, channel = coalescer(range(0))
+    await acks.ack(9)
+    assert channel.frames == [("ack", 9, False)]
+
+
+async def test_every_tag_acked_exactly_once_in_random_order():
+    """Whatever the completion order, each delivery is acked exactly once and nacks are never acked."""
+    rng = random.Random(3)
+    for _ in range(200):
+        count = rng.randint(1, 30)
+        acks, channel = coalescer(range(1, count + 1))
+        outcomes = {tag: rng.random() < 0.8 for tag in range(1, count + 1)}  # True: ack, False: nack
+        order = list(outcomes)
+        rng.shuffle(order)
+
+        async def settle(tag: int, delay: int, acks: AckCoalescer = acks, outcomes: dict = outcomes) -> None:
+            for _ in range(delay):
+                await asyncio.sleep(0)
+            if outcomes[tag]:
+                await acks.ack(tag)
+            else:
+                await acks.nack(tag)
+
+        await asyncio.gather(*(settle(tag, rng.randint(0, 3)) for tag in order))
+        acked: list[int] = []
+        done: set[int] = set()
+        for kind, tag, multiple in channel.frames:
+            if kind == "nack":
+                assert tag not in done
+                done.add(tag)
+                continue
+            assert tag not in done  # never ack a tag twice (a channel error on a real broker)
+            covered = [t for t in range(1, tag + 1) if t not in done] if multiple else [tag]
+            assert all(outcomes[t] for t in covered)  # never ack something that was to be nacked
+            acked.extend(covered)
+            done.update(covered)
+        assert sorted(acked) == sorted(t for t, ok in outcomes.items() if ok)
