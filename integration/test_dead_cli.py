@@ -360,7 +360,8 @@ async def test_unknown_id_and_unreachable_broker_are_one_line_errors(quorum_worl
     assert len(down.stderr.strip().splitlines()) == 1
     bad = await asyncio.to_thread(cli, world, "dead", "list", "--since", "yesterday-ish")
     assert bad.returncode == 2
-    assert "--since" in bad.stderr
+    assert bad.stderr.startswith("error: --since: cannot read 'yesterday-ish'")
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 async def test_filters_select_exactly_the_matching_letters(quorum_world: World) -> None:
@@ -692,6 +693,53 @@ async def test_status_finds_delay_queues(quorum_world: World) -> None:
         channel = await world.connection.channel()
         await channel.queue_delete(world.queue + ".delay.64000")
         await channel.close()
+
+
+async def test_missing_queues_and_files_exit_4(quorum_world: World, tmp_path: Path) -> None:
+    """A dead-letter queue that does not exist, or an import file that does not, is 'not found' (exit 4)."""
+    world = quorum_world
+    listed = await asyncio.to_thread(cli, world, "dead", "list", "--queue", world.queue + ".nosuch")
+    assert listed.returncode == 4
+    assert "does not exist" in listed.stderr
+    export = tmp_path / "one.jsonl"
+    await world.kill([UserSignedUp(id="u")], {"crm"})
+    assert (await asyncio.to_thread(cli, world, "dead", "export", "-o", str(export))).returncode == 0
+    into_nothing = await asyncio.to_thread(cli, world, "dead", "import", str(export), "--queue", "nosuch.queue")
+    assert into_nothing.returncode == 4
+    assert "nosuch.queue.dead" in into_nothing.stderr
+    no_file = await asyncio.to_thread(cli, world, "dead", "import", str(tmp_path / "absent.jsonl"))
+    assert no_file.returncode in (2, 4)
+    assert await world.ready(world.dead) == 1
+
+
+async def test_replaying_a_broker_dead_letter_removes_x_death(quorum_world: World) -> None:
+    """A letter the broker dead-lettered (delivery limit) is replayed to its queue without x-death."""
+    world = quorum_world
+    await world.channel.default_exchange.publish(
+        aio_pika.Message(b'{"id":"k"}', message_id="killer", headers={H_LISTENER: "crm"}, delivery_mode=2),
+        routing_key=world.queue,
+    )
+    work = await world.channel.declare_queue(world.queue, passive=True)
+    for _ in range(4):
+        message = None
+        deadline = time.monotonic() + 5
+        while message is None and time.monotonic() < deadline:
+            message = await work.get(no_ack=False, fail=False)
+        assert message is not None
+        await message.nack(requeue=True)
+    assert await world.settled(world.dead, 1) == 1
+    listed = json_lines((await asyncio.to_thread(cli, world, "dead", "list", "--json")).stdout)
+    assert [(row["id"], row["reason"], row["original_queue"]) for row in listed] == [
+        ("killer", "delivery_limit", world.queue)
+    ]
+    result = await asyncio.to_thread(cli, world, "dead", "replay", "killer")
+    assert result.returncode == 0, result.stderr
+    assert await world.settled(world.queue, 1) == 1
+    [copy] = await world.drain(world.queue)
+    headers = dict(copy.headers or {})
+    assert "x-death" not in headers
+    assert headers[H_REPLAYS] == 1
+    assert headers[H_LISTENER] == "crm"
 
 
 async def test_admin_replay_stops_on_an_unroutable_queue(quorum_world: World) -> None:

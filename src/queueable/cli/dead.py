@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 __all__ = ["dead"]
 
+#: Our own usage errors are one line, like every other error (click's parser errors keep click's format).
+EXIT_USAGE = 2
+
 F = TypeVar("F", bound="Callable[..., Any]")
 T = TypeVar("T")
 
@@ -114,7 +117,8 @@ def _filter(
         try:
             moment = parse_since(since)
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--since") from None
+            msg = f"--since: {exc}"
+            raise CliError(msg, EXIT_USAGE) from None
     return DeadFilter(ids=frozenset(ids), listener=listener, event=event, error=error, reason=reason, since=moment)
 
 
@@ -328,7 +332,7 @@ def replay(  # noqa: PLR0917 - click passes each option as an argument
     if dry_run:
         if app is None:
             msg = "--dry-run needs the application (--app module:attribute or QUEUEABLE_APP) to check payloads"
-            raise click.UsageError(msg)
+            raise CliError(msg, EXIT_USAGE)
         results = _run(admin, lambda a: a.check(app, flt, limit=limit))
         _report_dry_run(results, as_json=as_json)
         _check_ids_found(ids, [r.message for r in results])
@@ -392,7 +396,7 @@ def purge(  # noqa: PLR0917 - click passes each option as an argument
     _require_selection(ids, select_all)
     if not yes:
         msg = "purge deletes dead letters for good: add --yes (check with `queueable dead list` first)"
-        raise click.UsageError(msg)
+        raise CliError(msg, EXIT_USAGE)
     flt = _filter(ids=ids, listener=listener, event=event, error=error, reason=reason, since=since)
     _app, admin = _admin(app_spec, url, queues)
 
@@ -479,7 +483,7 @@ def _read_export(source: str) -> Iterator[DeadMessage]:
                 yield decode_export_line(line, position=number - 1)
             except ExportFormatError as exc:
                 msg = f"{source}:{number}: {exc}"
-                raise click.UsageError(msg) from exc
+                raise CliError(msg, EXIT_USAGE) from exc
 
 
 @contextlib.contextmanager
@@ -509,10 +513,10 @@ def _open_output(output: str) -> Iterator[TextIO]:
 def _require_selection(ids: tuple[str, ...], select_all: bool) -> None:
     if not ids and not select_all:
         msg = "name the dead letters: give IDs, or --all (with filters to narrow it)"
-        raise click.UsageError(msg)
+        raise CliError(msg, EXIT_USAGE)
     if ids and select_all:
         msg = "give IDs or --all, not both"
-        raise click.UsageError(msg)
+        raise CliError(msg, EXIT_USAGE)
 
 
 async def _planned(admin: DeadLetterAdmin, flt: DeadFilter, limit: int | None) -> int:

@@ -140,7 +140,7 @@ def _fetch_queues(management_url: str, vhost: str) -> list[dict[str, Any]]:
     parts = urllib.parse.urlsplit(management_url)
     if parts.scheme not in ("http", "https"):
         msg = f"--management-url must be http:// or https://, got {parts.scheme or 'nothing'}"
-        raise click.BadParameter(msg, param_hint="--management-url")
+        raise CliError(msg, 2)
     host = parts.hostname or "localhost"
     netloc = f"{host}:{parts.port}" if parts.port else host
     base = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
