@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 from pydantic import BaseModel
 
-from queueable import App, RetryPolicy, Settings, event
+from queueable import App, PublishError, RetryPolicy, Settings, event
 from queueable._wire import (
     H_ATTEMPT,
     H_CONSUMER_HOST,
@@ -360,3 +360,24 @@ async def test_time_limit_stops_cleanly(amqp_url, admin, unique):
         assert await asyncio.wait_for(world.task, 10) == StopReason.TIME_LIMIT  # type: ignore[arg-type]
     finally:
         await world.app.close()
+
+
+async def test_consumer_recovers_when_its_queue_is_deleted(world, admin, unique):
+    """A work queue deleted under the worker (broker-side consumer cancel) is re-declared, re-bound and
+    consumed again without a restart.
+    """
+    await world.app.dispatch(Ping(id="before"))
+    await wait_for(lambda: world.count("handled", "before") == 1)
+    channel = await admin.channel()
+    await channel.queue_delete(unique)
+    deadline = time.monotonic() + 8
+    sent = 0
+    while world.count("handled", "after") == 0:
+        assert time.monotonic() < deadline, "the worker did not resume consuming"
+        await asyncio.sleep(0.2)
+        try:
+            await world.app.dispatch(Ping(id="after"))
+            sent += 1
+        except PublishError:  # unroutable until the binding is restored
+            pass
+    await wait_for(lambda: world.count("handled", "after") == sent)

@@ -679,8 +679,14 @@ class RabbitMQTransport:
         self._consume_channel = channel
         host = socket.gethostname()
         specs = {spec.name: spec for spec in topology_for(self.settings, queues)}
+        # Declared robustly on the consuming channel, so that the robust connection restores the exchange, the
+        # queue *and its binding* before re-consuming (after a reconnect to a wiped node, or a deleted queue).
+        exchange = await channel.declare_exchange(
+            self.settings.exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
         for name in queues:
             queue = await channel.declare_queue(name, durable=True, arguments=specs[name].arguments)
+            await queue.bind(exchange, name)
             tag = f"queueable.{host}.{os.getpid()}.{next(self._tags)}.{name}"
             await queue.consume(_consumer_callback(name, deliver, self._track), consumer_tag=tag)
             self._consumers.append((queue, tag))
