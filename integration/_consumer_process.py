@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 
 from apps import recorder
+from queueable.transport.rabbitmq import DELAY_BUCKETS_MS, delay_queue_for
 
 if TYPE_CHECKING:
     import signal
@@ -123,8 +124,12 @@ class World:
 
     def spawn(self, *args: str, env: dict[str, str] | None = None) -> Consumer:
         """Start ``queueable-consume apps.recorder:create_app *args`` (without waiting for it to consume)."""
+        return self.spawn_app(APP_SPEC, *args, env=env)
+
+    def spawn_app(self, app_spec: str, *args: str, env: dict[str, str] | None = None) -> Consumer:
+        """Start ``queueable-consume APP_SPEC *args``."""
         log = self.tmp / f"consumer-{len(self.consumers)}.log"
-        command = [*consume_command(), APP_SPEC, *args]
+        command = [*consume_command(), app_spec, *args]
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 command,
@@ -245,8 +250,9 @@ class World:
                 await app.close()
 
     async def delete_topology(self, extra_queues: Sequence[str] = ()) -> None:
-        """Best-effort removal of this world's queues and exchange from the broker."""
-        names = [self.queue, self.dead_queue, *extra_queues]
+        """Best-effort removal of this world's queues (work, dead, delay up to 10 s) and exchange."""
+        delays = [delay_queue_for(self.queue, ms) for ms in DELAY_BUCKETS_MS if ms <= 10_000]
+        names = [self.queue, self.dead_queue, *delays, *extra_queues]
         with contextlib.suppress(Exception):
             connection = await aio_pika.connect(self.url, timeout=5)
             try:

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import aio_pika
 import pytest
 
-from apps.recorder import Job, Slow
+from apps.recorder import Flaky, Job, Slow
 from queueable import QueueableError
+from queueable.transport.rabbitmq import delay_bucket_ms, delay_queue_for
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -132,3 +133,28 @@ def _len(items: list[str]) -> Callable[[], Awaitable[int]]:
         return len(items)
 
     return probe
+
+
+async def test_a_retry_waiting_in_its_delay_queue_survives_a_broker_restart(
+    rabbit_node: RabbitNode, private_world: World
+) -> None:
+    """A retry parked in its delay queue when the broker restarts comes back to the work queue and is handled."""
+    world = private_world
+    consumer = await world.start()
+    app = await world.app()
+    await app.dispatch(Flaky(id="parked", failures=1, retry_delay=4.0))
+    delay_queue = delay_queue_for(world.queue, delay_bucket_ms(4.0))
+    await world.until(
+        lambda state: state[0] == 1,
+        lambda: world.queue_state(delay_queue),
+        timeout=10,
+        what=f"the retry copy to wait in {delay_queue}",
+        consumer=consumer,
+    )
+    assert world.handled() == {}
+
+    await asyncio.to_thread(rabbit_node.restart)
+
+    counts = await world.until_handled(["parked"], timeout=30, consumer=consumer)
+    assert counts == {"parked": 1}
+    assert [line.kind for line in world.records()] == ["attempt", "attempt", "handled"]

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from apps.recorder import Job, Slow
+from apps.recorder import Crash, Job, Slow
+from queueable import DeadReason
+from queueable.transport.rabbitmq import dead_reason_of
 
 if TYPE_CHECKING:
     from _consumer_process import World
@@ -108,3 +110,36 @@ async def test_consumer_exits_0_on_sigint_when_idle(world: World) -> None:
     consumer.signal(signal.SIGINT)
 
     assert await consumer.wait(timeout=10) == 0, world.outputs()
+
+
+async def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_delivery_limit(world: World) -> None:
+    """A message whose listener SIGKILLs the worker on every delivery ends in Q.dead once the limit is passed."""
+    limit = 2
+    env = world.env(QTEST_DELIVERY_LIMIT=str(limit))
+    app = await world.app(delivery_limit=limit)  # declares the work queue with the same x-delivery-limit
+    await app.dispatch(Crash(id="poison"))
+    await app.dispatch(Job(id="innocent"))
+
+    async def total() -> int:
+        return sum([(await world.queue_state())[0], (await world.queue_state(world.dead_queue))[0]])
+
+    crashes = 0
+    while (await world.queue_state(world.dead_queue))[0] == 0:
+        assert crashes <= limit + 1, f"still not dead-lettered after {crashes} crashes:\n{world.outputs()}"
+        # --prefetch 1: a worker that dies also returns every message it had prefetched, and the broker counts
+        # those deliveries too; with a larger prefetch the innocent neighbours would share the poison's fate.
+        consumer = world.spawn("--concurrency", "1", "--prefetch", "1", env=env)
+        assert await consumer.wait(timeout=20) == -signal.SIGKILL, world.outputs()
+        crashes += 1
+        # The broker returns the message to the queue (or dead-letters it) once it sees the connection die.
+        await world.until(lambda n: n >= 1, total, timeout=10, what="the poison message to be returned")
+
+    assert (await world.queue_state(world.dead_queue))[0] == 1
+    [dead] = await world.take_dead(1, timeout=5)
+    assert dead_reason_of(dead.headers) == DeadReason.DELIVERY_LIMIT
+    assert dead.body == b'{"id":"poison"}'
+    assert crashes == limit + 1  # delivered limit + 1 times: the last return passed the limit
+    assert sum(1 for line in world.records() if line.kind == "attempt") == crashes
+
+    await world.start(env=env)
+    assert await world.until_handled(["innocent"], timeout=10) == {"innocent": 1}

@@ -12,7 +12,9 @@ Listeners (all on the default queue, retried 3 times, 0.2 s then 0.4 s apart, no
 
 - ``record_job(Job)``: records ``handled``.
 - ``flaky(Flaky)``: records ``attempt``; raises until it has seen ``failures`` attempts, then records ``handled``.
+  With ``retry_delay`` it raises ``queueable.Retry(delay=retry_delay)`` instead of ``RuntimeError``.
 - ``doomed(Doomed)``: records ``attempt`` and always raises ``RuntimeError("doomed <id>")``.
+- ``crash(Crash)``: records ``attempt`` and SIGKILLs its own process (a message that kills every worker).
 - ``slow(Slow)``: records ``started``, sleeps ``seconds`` (``then_seconds`` when this id has started before, if
   set), records ``handled``.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,9 +32,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from queueable import App, RetryPolicy, Settings, event
+from queueable import App, Retry, RetryPolicy, Settings, event
 
 RECORD_ENV = "QTEST_RECORD"
+DELIVERY_LIMIT_ENV = "QTEST_DELIVERY_LIMIT"
 RETRY = RetryPolicy(max_attempts=3, initial_delay=0.2, multiplier=2.0, max_delay=1.0, jitter=0.0)
 
 
@@ -44,10 +48,16 @@ class Job(BaseModel):
 class Flaky(BaseModel):
     id: str
     failures: int = 2
+    retry_delay: float | None = None
 
 
 @event("qtest.doomed")
 class Doomed(BaseModel):
+    id: str
+
+
+@event("qtest.crash")
+class Crash(BaseModel):
     id: str
 
 
@@ -108,6 +118,8 @@ async def flaky(event: Flaky) -> None:
     record("attempt", event.id)
     if count_of("attempt", event.id) <= event.failures:
         msg = f"flaky {event.id} fails"
+        if event.retry_delay is not None:
+            raise Retry(msg, delay=event.retry_delay)
         raise RuntimeError(msg)
     record("handled", event.id)
 
@@ -118,6 +130,11 @@ async def doomed(event: Doomed) -> None:
     raise RuntimeError(msg)
 
 
+async def crash(event: Crash) -> None:
+    record("attempt", event.id)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 async def slow(event: Slow) -> None:
     record("started", event.id)
     again = event.then_seconds is not None and count_of("started", event.id) > 1
@@ -126,8 +143,13 @@ async def slow(event: Slow) -> None:
 
 
 def create_app(**overrides: Any) -> App:
-    """The app, with settings from ``QUEUEABLE_*`` and ``overrides`` (the test process passes its own)."""
+    """The app, with settings from ``QUEUEABLE_*`` and ``overrides`` (the test process passes its own).
+
+    ``QTEST_DELIVERY_LIMIT`` sets the work queue's delivery limit (the producer passes the same override).
+    """
+    if os.environ.get(DELIVERY_LIMIT_ENV):
+        overrides.setdefault("delivery_limit", int(os.environ[DELIVERY_LIMIT_ENV]))
     app = App(settings=Settings.from_env(**overrides), default_retry=RETRY)
-    for func in (record_job, flaky, doomed, slow):
+    for func in (record_job, flaky, doomed, crash, slow):
         app.add_listener(func, queue=True)
     return app

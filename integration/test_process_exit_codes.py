@@ -1,0 +1,74 @@
+"""How ``queueable-consume`` ends: limits are clean exits (0), a missing broker is 3, a bad APP is 5."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from _rabbit_node import free_port
+from apps.recorder import Job
+
+if TYPE_CHECKING:
+    from _consumer_process import World
+
+
+async def test_max_messages_exits_0_after_exactly_that_many_and_leaves_the_rest_queued(world: World) -> None:
+    """With --max-messages 5 the worker handles 5 messages, exits 0, and the other 7 wait in the queue."""
+    app = await world.app()  # declares the topology, so the messages wait for the worker
+    ids = [f"job-{i}" for i in range(12)]
+    for event_id in ids:
+        await app.dispatch(Job(id=event_id))
+
+    consumer = world.spawn("--max-messages", "5", "--concurrency", "2", "--prefetch", "8")
+
+    assert await consumer.wait(timeout=20) == 0, world.outputs()
+    assert sum(world.handled().values()) == 5
+    assert all(n == 1 for n in world.handled().values())
+    assert await world.queue_state() == (7, 0)
+
+
+async def test_time_limit_exits_0_when_it_expires(world: World) -> None:
+    """With --time-limit 1 an idle worker exits 0 about a second after it started consuming."""
+    consumer = await world.start("--time-limit", "1")
+    started = time.monotonic()
+
+    assert await consumer.wait(timeout=15) == 0, world.outputs()
+    assert time.monotonic() - started < 5
+
+
+async def test_memory_limit_exits_0_between_messages(world: World) -> None:
+    """With --memory-limit 1 (MB, always exceeded) the worker finishes its message and exits 0."""
+    consumer = await world.start("--memory-limit", "1", "--concurrency", "1", "--prefetch", "1")
+    app = await world.app()
+    for event_id in ("m-1", "m-2", "m-3"):
+        await app.dispatch(Job(id=event_id))
+
+    assert await consumer.wait(timeout=15) == 0, world.outputs()
+    handled = world.handled()
+    assert 1 <= sum(handled.values()) < 3
+    assert all(n == 1 for n in handled.values())
+    assert (await world.queue_state())[0] == 3 - sum(handled.values())  # nothing lost
+
+
+def test_a_bad_app_spec_exits_5_with_one_line(world: World) -> None:
+    """An APP that cannot be imported is a configuration error: exit code 5 and a one-line message."""
+    consumer = world.spawn_app("apps.no_such_module:app")
+
+    assert consumer.proc.wait(timeout=30) == 5
+    output = consumer.output()
+    assert "apps.no_such_module" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_an_unreachable_broker_exits_3_without_showing_the_password(world: World) -> None:
+    """A broker that does not answer is exit code 3, and the error never shows the URL's password."""
+    url = f"amqp://guest:s3cret-pw@127.0.0.1:{free_port()}/"
+    consumer = world.spawn(env=world.env(QUEUEABLE_URL=url))
+
+    assert consumer.proc.wait(timeout=60) == 3, consumer.output()
+    output = consumer.output()
+    assert "s3cret-pw" not in output
+    assert "127.0.0.1" in output
