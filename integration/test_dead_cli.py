@@ -506,9 +506,8 @@ async def test_replay_dry_run_reports_what_would_fail_and_moves_nothing(quorum_w
     assert no_app.returncode == 2
 
 
-async def test_sigkilled_replay_loses_nothing(quorum_world: World) -> None:
+async def test_sigkilled_replay_loses_nothing(world: World) -> None:
     """A replay SIGKILLed midway leaves every letter in Q.dead or Q: nothing lost, at most one duplicate."""
-    world = quorum_world
     ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(30)], {"mail"})
     assert len(ids) == 30
     script = Path(sys.executable).with_name("queueable")

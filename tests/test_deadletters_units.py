@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -490,3 +492,40 @@ def test_management_status_unreachable_is_a_broker_error() -> None:
         management_status("http://guest:topsecret@127.0.0.1:1", "/", ["jobs"], [])
     assert caught.value.exit_code == 3
     assert "topsecret" not in caught.value.format_message()
+
+
+# -- progress ---------------------------------------------------------------------------------------------
+
+
+class FakeTerminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bar is drawn on a terminal stderr for runs longer than one letter, and never otherwise."""
+    from queueable.cli.dead import _Progress  # noqa: PLC0415
+
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with _Progress("replaying", 3, enabled=True) as step:
+        for _ in range(3):
+            step(letter())
+    assert "replaying" in terminal.getvalue()
+    assert "100%" in terminal.getvalue()
+
+    quiet = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    with _Progress("replaying", 3, enabled=False) as step:
+        step(letter())
+    with _Progress("replaying", 1, enabled=True) as step:
+        step(letter())
+    assert quiet.getvalue() == ""
+
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", piped)
+    with _Progress("replaying", 3, enabled=True) as step:
+        step(letter())
+    assert piped.getvalue() == ""
