@@ -1,0 +1,511 @@
+"""The six benchmarks of issue 6. Each returns table rows; queueable and raw aio-pika run interleaved.
+
+Interleaving: rounds alternate A B B A A B … (an ABBA ladder) within one process and one event loop, so that
+drift (broker compaction, page cache, CPU frequency, the other tenant of this 2-core machine) hits both sides
+alike and neither always goes first. Every round is its own sample; a figure is the median over rounds with the
+interquartile range as its spread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aio_pika
+from _common import (
+    CONSUME_LISTENER,
+    MEM_LISTENER,
+    Names,
+    Order,
+    OrderConsumed,
+    OrderMem,
+    OrderPlaced,
+    OrderShipped,
+    order,
+    publish_window,
+    purge,
+)
+from _stats import Row, Spread, percentile
+
+from queueable import App, Settings
+from queueable._dispatcher import build_messages, encode_event
+from queueable._worker import Worker, WorkerOptions
+from queueable.cli.consume import DEFAULT_CONCURRENCY
+from queueable.transport.rabbitmq import RabbitMQTransport
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from queueable import Listener
+
+BENCH_DIR = Path(__file__).resolve().parent
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """How much work each benchmark does (``--quick`` shrinks everything)."""
+
+    rounds: int = 10  # per side, for the publish benchmarks
+    latency_samples: int = 300  # sequential publishes per round
+    throughput_messages: int = 3000  # per round
+    in_flight: int = 100  # concurrent publishes
+    consume_rounds: int = 4  # per side
+    consume_messages: int = 10_000  # per round
+    deferred_samples: int = 2000  # per round
+    memory_messages: int = 100_000
+    memory_interval: int = 10_000
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            rounds=4,
+            latency_samples=100,
+            throughput_messages=1000,
+            consume_rounds=2,
+            consume_messages=3000,
+            deferred_samples=500,
+            memory_messages=20_000,
+            memory_interval=2000,
+        )
+
+
+@dataclass(slots=True)
+class Bench:
+    """The connections and apps one run shares; ``rounds`` keeps every round's figures for ``--json``."""
+
+    url: str
+    names: Names
+    sizes: Sizes
+    app: App
+    raw_connection: aio_pika.abc.AbstractRobustConnection
+    raw_channel: aio_pika.abc.AbstractChannel
+    raw_exchange: aio_pika.abc.AbstractExchange
+    rounds: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @classmethod
+    async def start(cls, url: str, names: Names, sizes: Sizes) -> Bench:
+        settings = Settings(url=url, default_queue=names.publish, exchange=names.exchange)
+        app = App(settings=settings)
+        app.add_listener(_noop, OrderPlaced, queue=True, id="bench:placed")
+        for suffix in ("audit", "mail", "search"):
+            app.add_listener(_noop, OrderShipped, queue=True, id=f"bench:shipped.{suffix}")
+        app.add_listener(_noop, OrderConsumed, queue=True, queue_name=names.consume, id=CONSUME_LISTENER)
+        app.add_listener(_noop, OrderMem, queue=True, queue_name=names.memory, id=MEM_LISTENER)
+        transport = app.transport
+        assert isinstance(transport, RabbitMQTransport)
+        await transport.connect()
+        # raw aio-pika gets queues of the very same kind and arguments (quorum, durable), on the same exchange.
+        await transport.declare_topology([names.raw_publish, names.raw_consume])
+        raw_connection = await aio_pika.connect_robust(url)
+        raw_channel = await raw_connection.channel(publisher_confirms=True)
+        raw_exchange = await raw_channel.get_exchange(names.exchange, ensure=False)
+        return cls(url, names, sizes, app, raw_connection, raw_channel, raw_exchange)
+
+    async def close(self) -> None:
+        await self.app.close()
+        await self.raw_connection.close()
+
+    def server_version(self) -> str:
+        underlay = self.raw_connection.transport
+        if underlay is None:
+            return "?"
+        version = underlay.connection.server_properties.get("version", b"?")
+        return version.decode() if isinstance(version, bytes) else str(version)
+
+    def keep(self, scenario: str, side: str, value: float) -> None:
+        self.rounds.setdefault(scenario, {}).setdefault(side, []).append(value)
+
+    # -- the two ways to publish one event -------------------------------------------------------------
+
+    async def dispatch(self, event: Any) -> None:
+        await self.app.dispatch(event)
+
+    async def raw_publish(self, event: Any) -> None:
+        """What a careful aio-pika user writes: JSON body, persistent, mandatory, confirmed."""
+        message = aio_pika.Message(
+            event.model_dump_json().encode(),
+            content_type=JSON,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=uuid.uuid4().hex,
+        )
+        await self.raw_exchange.publish(message, self.names.raw_publish, mandatory=True)
+
+    def listener(self, listener_id: str) -> Listener:
+        (entry,) = self.app.provider.queued(listener_id)
+        return entry
+
+
+async def _noop(event: Order) -> None:
+    """The listener every benchmark registers: async, does nothing."""
+
+
+def _ladder(rounds: int) -> list[int]:
+    """0/1 for side A/B, ``rounds`` of each, in the order A B B A A B B A …"""
+    return [(i + i // 2) % 2 for i in range(2 * rounds)]
+
+
+async def _latency_round(
+    publish: Callable[[Any], Awaitable[None]], cls: type, samples: int, base: int
+) -> list[float]:
+    events = [order(cls, base + i) for i in range(samples)]
+    times: list[float] = []
+    clock = time.perf_counter_ns
+    for event in events:
+        start = clock()
+        await publish(event)
+        times.append((clock() - start) / 1e3)  # µs
+    return times
+
+
+# -- 1 and 3: latency of one dispatch --------------------------------------------------------------------
+
+
+async def latency(bench: Bench) -> list[Row]:
+    """1: dispatch() with one queued listener vs one raw confirmed persistent publish (p50, p99 per round)."""
+    return await _latency_pair(
+        bench,
+        key="latency",
+        sides=(("queueable", bench.dispatch, OrderPlaced), ("raw", bench.raw_publish, OrderPlaced)),
+        label="dispatch(), 1 queued listener",
+        baseline_label="raw publish",
+        targets=(1.05, None),
+    )
+
+
+async def fan_out(bench: Bench) -> list[Row]:
+    """3: dispatch() of an event with 3 queued listeners vs one with 1 (both queueable)."""
+    return await _latency_pair(
+        bench,
+        key="fanout",
+        sides=(("3 listeners", bench.dispatch, OrderShipped), ("1 listener", bench.dispatch, OrderPlaced)),
+        label="dispatch(), 3 queued listeners",
+        baseline_label="1 listener",
+        targets=(1.2, None),
+    )
+
+
+async def _latency_pair(
+    bench: Bench,
+    *,
+    key: str,
+    sides: tuple[tuple[str, Callable[[Any], Awaitable[None]], type], ...],
+    label: str,
+    baseline_label: str,
+    targets: tuple[float | None, float | None],
+) -> list[Row]:
+    sizes = bench.sizes
+    for name, publish, cls in sides:  # warm-up: connections, declarations, caches
+        await _latency_round(publish, cls, 20, 0)
+        del name
+    p50: dict[str, list[float]] = {name: [] for name, _, _ in sides}
+    p99: dict[str, list[float]] = {name: [] for name, _, _ in sides}
+    for index, side in enumerate(_ladder(sizes.rounds)):
+        name, publish, cls = sides[side]
+        times = await _latency_round(publish, cls, sizes.latency_samples, index * sizes.latency_samples)
+        p50[name].append(percentile(times, 50))
+        p99[name].append(percentile(times, 99))
+        bench.keep(f"{key}.p50", name, p50[name][-1])
+        bench.keep(f"{key}.p99", name, p99[name][-1])
+    await purge(bench.raw_channel, bench.names.publish, bench.names.raw_publish)
+    subject, baseline = sides[0][0], sides[1][0]
+    return [
+        Row(f"{key}.p50", f"{label}, p50", "µs", Spread.of(p50[subject]), Spread.of(p50[baseline]),
+            baseline_label, targets[0], lower_is_better=True),
+        Row(f"{key}.p99", f"{label}, p99", "µs", Spread.of(p99[subject]), Spread.of(p99[baseline]),
+            baseline_label, targets[1], lower_is_better=True),
+    ]  # fmt: skip
+
+
+# -- 2: throughput of concurrent dispatches ----------------------------------------------------------------
+
+
+async def throughput(bench: Bench) -> list[Row]:
+    """2: ``in_flight`` concurrent publishers, each awaiting its publishes one after the other."""
+    sizes = bench.sizes
+    sides = (("queueable", bench.dispatch), ("raw", bench.raw_publish))
+    per_lane = max(sizes.throughput_messages // sizes.in_flight, 1)
+
+    async def one_round(publish: Callable[[Any], Awaitable[None]], base: int) -> float:
+        events = [order(OrderPlaced, base + i) for i in range(per_lane * sizes.in_flight)]
+
+        async def lane(k: int) -> None:
+            for event in events[k * per_lane : (k + 1) * per_lane]:
+                await publish(event)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(lane(k) for k in range(sizes.in_flight)))
+        return len(events) / (time.perf_counter() - start)
+
+    for _, publish in sides:
+        await one_round(publish, 0)
+    rates: dict[str, list[float]] = {name: [] for name, _ in sides}
+    for index, side in enumerate(_ladder(sizes.rounds)):
+        name, publish = sides[side]
+        rates[name].append(await one_round(publish, index * sizes.throughput_messages))
+        bench.keep("throughput", name, rates[name][-1])
+    await purge(bench.raw_channel, bench.names.publish, bench.names.raw_publish)
+    return [
+        Row("throughput", f"{sizes.in_flight} concurrent dispatch() in flight", "msg/s",
+            Spread.of(rates["queueable"]), Spread.of(rates["raw"]), "raw publish", 0.9, lower_is_better=False),
+    ]  # fmt: skip
+
+
+# -- 4: consumer throughput --------------------------------------------------------------------------------
+
+
+class _CountingTransport(RabbitMQTransport):
+    """The real transport; it also notes the time of every ack (the end of a message's processing)."""
+
+    def __init__(self, *args: Any, on_ack: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_ack = on_ack
+
+    async def ack(self, token: Any) -> None:
+        await super().ack(token)
+        self._on_ack()
+
+
+class _Drain:
+    """Counts acks; the rate is (N - 1) / (time of ack N - time of ack 1), so connecting is not timed."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.done = asyncio.Event()
+
+    def acked(self) -> None:
+        self.count += 1
+        now = time.perf_counter()
+        if self.count == 1:
+            self.first = now
+        if self.count == self.total:
+            self.last = now
+            self.done.set()
+
+    @property
+    def rate(self) -> float:
+        return (self.total - 1) / (self.last - self.first)
+
+
+async def _fill(bench: Bench, side: int, base: int) -> None:
+    """Pre-fill the consumer queue of ``side`` (0: queueable, 1: raw) with the same bytes, confirmed."""
+    sizes = bench.sizes
+    entry = bench.listener(CONSUME_LISTENER)
+    events = [order(OrderConsumed, base + i) for i in range(sizes.consume_messages)]
+    if side == 0:
+        for start in range(0, len(events), 500):
+            await bench.app.transport.publish(
+                [m for e in events[start : start + 500] for m in build_messages(e, [entry])]
+            )
+        return
+    raw = []
+    for event in events:  # the same body and headers as queueable's, so the bytes on the wire match
+        (message,) = build_messages(event, [entry], body=encode_event(event))
+        raw.append(
+            aio_pika.Message(
+                message.body,
+                headers=message.headers,
+                content_type=JSON,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message.message_id,
+            )
+        )
+    await publish_window(bench.raw_exchange, bench.names.raw_consume, raw)
+
+
+async def _drain_queueable(bench: Bench, prefetch: int) -> float:
+    """The worker of ``queueable-consume`` (decode, validate, resolve, invoke, ack) on the pre-filled queue."""
+    queue = bench.names.consume
+    drain = _Drain(bench.sizes.consume_messages)
+    transport = _CountingTransport(bench.app.settings, queues=[queue], on_ack=drain.acked)
+    options = WorkerOptions(queues=(queue,), prefetch=prefetch, concurrency=DEFAULT_CONCURRENCY)
+    worker = Worker(bench.app.processor(), transport, options)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(drain.done.wait(), 120)
+    finally:
+        worker.stop()
+        await task
+    return drain.rate
+
+
+async def _drain_raw(bench: Bench, prefetch: int) -> float:
+    """A naive aio-pika consumer: validate the body with pydantic, ack, one message at a time each."""
+    drain = _Drain(bench.sizes.consume_messages)
+    connection = await aio_pika.connect_robust(bench.url)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(bench.names.raw_consume, ensure=False)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            OrderConsumed.model_validate_json(message.body)
+            await message.ack()
+            drain.acked()
+
+        tag = await queue.consume(on_message)
+        await asyncio.wait_for(drain.done.wait(), 120)
+        await queue.cancel(tag)
+    finally:
+        await connection.close()
+    return drain.rate
+
+
+async def consumer(bench: Bench) -> list[Row]:
+    """4: drain a pre-filled queue: the queueable worker vs a raw consumer that validates and acks each message.
+
+    Both consume with the worker's default prefetch; the worker runs its default concurrency (as
+    ``queueable-consume`` does). Filling is not timed.
+    """
+    sizes = bench.sizes
+    prefetch = max(bench.app.settings.prefetch, DEFAULT_CONCURRENCY)
+    rates: dict[str, list[float]] = {"queueable": [], "raw": []}
+    for index, side in enumerate(_ladder(sizes.consume_rounds)):
+        await _fill(bench, side, index * sizes.consume_messages)
+        gc.collect()
+        rate = await (_drain_queueable(bench, prefetch) if side == 0 else _drain_raw(bench, prefetch))
+        name = ("queueable", "raw")[side]
+        rates[name].append(rate)
+        bench.keep("consumer", name, rate)
+    return [
+        Row("consumer", f"worker drains {sizes.consume_messages:,} msgs (prefetch {prefetch})", "msg/s",
+            Spread.of(rates["queueable"]), Spread.of(rates["raw"]), "raw consumer", 1.5, lower_is_better=False),
+    ]  # fmt: skip
+
+
+# -- 5: deferred dispatch ------------------------------------------------------------------------------------
+
+
+async def deferred(bench: Bench) -> list[Row]:
+    """5: what a request pays for ``deferred()`` + ``dispatch()`` (buffer only), and the flush after it."""
+    sizes = bench.sizes
+    dispatcher = bench.app.dispatcher
+    clock = time.perf_counter_ns
+    buffer_p50: list[float] = []
+    buffer_p99: list[float] = []
+    flush_p50: list[float] = []
+    flush_p99: list[float] = []
+    for round_index in range(-1, sizes.rounds):  # round -1 warms up
+        buffered: list[float] = []
+        flushed: list[float] = []
+        events = [order(OrderPlaced, i) for i in range(sizes.deferred_samples)]
+        for event in events:
+            scope = dispatcher.deferred()
+            start = clock()
+            await scope.__aenter__()
+            await dispatcher.dispatch(event)
+            middle = clock()
+            await scope.__aexit__(None, None, None)
+            end = clock()
+            buffered.append((middle - start) / 1e3)
+            flushed.append((end - middle) / 1e3)
+        if round_index < 0:
+            continue
+        buffer_p50.append(percentile(buffered, 50))
+        buffer_p99.append(percentile(buffered, 99))
+        flush_p50.append(percentile(flushed, 50))
+        flush_p99.append(percentile(flushed, 99))
+        for key, values in (("buffer.p50", buffer_p50), ("buffer.p99", buffer_p99),
+                            ("flush.p50", flush_p50), ("flush.p99", flush_p99)):  # fmt: skip
+            bench.keep(f"deferred.{key}", "queueable", values[-1])
+    await purge(bench.raw_channel, bench.names.publish)
+    return [
+        Row("deferred.buffer.p50", "deferred() + dispatch(), buffer only, p50", "µs", Spread.of(buffer_p50),
+            None, "", None, lower_is_better=True),
+        Row("deferred.buffer.p99", "deferred() + dispatch(), buffer only, p99", "µs", Spread.of(buffer_p99),
+            None, "", 50, lower_is_better=True),
+        Row("deferred.flush.p50", "flush after it (1 message), p50", "µs", Spread.of(flush_p50),
+            None, "", None, lower_is_better=True),
+        Row("deferred.flush.p99", "flush after it (1 message), p99", "µs", Spread.of(flush_p99),
+            None, "", None, lower_is_better=True),
+    ]  # fmt: skip
+
+
+# -- 6: worker memory -------------------------------------------------------------------------------------------
+
+
+MEMORY_GROWTH_BOUND_MB = 5.0
+
+
+async def memory(bench: Bench) -> list[Row]:
+    """6: the resident memory of a real ``queueable-consume`` process over ``memory_messages`` messages.
+
+    The worker prints its RSS every ``memory_interval`` messages; this process publishes the messages (through
+    queueable, 500 per confirmed batch) while it consumes. The growth is RSS at the end minus RSS after the
+    warm-up (the first 20 % of the messages).
+    """
+    sizes = bench.sizes
+    names = bench.names
+    entry = bench.listener(MEM_LISTENER)
+    executable = Path(sys.executable).with_name("queueable-consume")
+    env = {
+        **os.environ,
+        "QUEUEABLE_URL": bench.url,
+        "QUEUEABLE_QUEUE": names.memory,
+        "QUEUEABLE_EXCHANGE": names.exchange,
+        "BENCH_MEM_INTERVAL": str(sizes.memory_interval),
+        "PYTHONPATH": str(BENCH_DIR),
+    }
+    process = await asyncio.create_subprocess_exec(
+        str(executable), "mem_app:app", "--max-messages", str(sizes.memory_messages), "--log-level", "warning",
+        cwd=BENCH_DIR, env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    samples: list[tuple[int, float]] = []
+
+    async def read() -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            record = json.loads(line)
+            samples.append((record["messages"], record["rss_mb"]))
+
+    reader = asyncio.create_task(read())
+    transport = bench.app.transport
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(240):
+            for base in range(0, sizes.memory_messages, 500):
+                count = min(500, sizes.memory_messages - base)
+                events = [order(OrderMem, base + i) for i in range(count)]
+                await transport.publish([m for e in events for m in build_messages(e, [entry])])
+            code = await process.wait()
+            await reader
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    elapsed = time.perf_counter() - start
+    if code != 0 or not samples:
+        msg = f"the memory worker exited with {code} after {len(samples)} samples"
+        raise RuntimeError(msg)
+    bench.rounds["memory"] = {"samples": [float(x) for pair in samples for x in pair]}
+    warm = [rss for seen, rss in samples if seen >= sizes.memory_messages * 0.2]
+    growth = samples[-1][1] - warm[0]
+    return [
+        Row("memory.rss", f"worker RSS from {warm and samples[-len(warm)][0]:,} to {samples[-1][0]:,} msgs",
+            "MB", Spread.of(warm), None, f"({samples[-1][0] / elapsed:,.0f} msg/s end to end)", None,
+            lower_is_better=True),
+        Row("memory.growth", "worker RSS growth after warm-up", "MB", Spread.of([growth]), None, "",
+            MEMORY_GROWTH_BOUND_MB, lower_is_better=True),
+    ]  # fmt: skip
+
+
+SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
+    "latency": latency,
+    "throughput": throughput,
+    "fanout": fan_out,
+    "consumer": consumer,
+    "deferred": deferred,
+    "memory": memory,
+}
