@@ -741,6 +741,25 @@ async def test_replaying_a_broker_dead_letter_removes_x_death(quorum_world: Worl
     assert headers[H_LISTENER] == "crm"
 
 
+async def test_list_warns_about_consumers_on_the_dead_letter_queue(quorum_world: World) -> None:
+    """Someone consuming Q.dead competes with the browse: list says so on stderr."""
+    world = quorum_world
+    channel = await world.connection.channel()
+    dead = await channel.declare_queue(world.dead, passive=True)
+
+    async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        pass
+
+    tag = await dead.consume(ignore)
+    try:
+        result = await asyncio.to_thread(cli, world, "dead", "list")
+    finally:
+        await dead.cancel(tag)
+        await channel.close()
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {world.dead} has 1 consumer(s)" in result.stderr
+
+
 async def test_admin_replay_stops_on_an_unroutable_queue(quorum_world: World) -> None:
     """A replay whose work queue is gone fails with PublishError and leaves the letter in Q.dead."""
     world = quorum_world

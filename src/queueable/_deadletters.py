@@ -662,6 +662,8 @@ class DeadLetterAdmin:
         self.queues = names
         #: The longest a replay or purge holds one snapshot before returning it and taking a fresh one.
         self.hold_seconds = hold_seconds
+        #: Things an operator should know about the last operations (e.g. other consumers on a dead-letter queue).
+        self.warnings: list[str] = []
         self._connection: aio_pika.abc.AbstractConnection | None = None
 
     @classmethod
@@ -926,6 +928,12 @@ class DeadLetterAdmin:
                     msg = f"dead-letter queue {dead_queue!r} does not exist (no worker has declared it yet)"
                     raise QueueNotFoundError(msg) from exc
                 raise
+            consumers = queue.declaration_result.consumer_count or 0
+            if consumers:
+                self.warnings.append(
+                    f"{dead_queue} has {consumers} consumer(s): they receive dead letters while this command "
+                    "reads the queue, so what it sees may be incomplete"
+                )
             while True:
                 raw = await queue.get(no_ack=False, fail=False, timeout=self.settings.publish_timeout)
                 if raw is None:
@@ -988,7 +996,7 @@ class DeadLetterAdmin:
                 if limit is not None and len(done) >= limit:
                     return False
                 message = item.message
-                if message.message_id in seen or not flt.matches(message):
+                if (message.message_id is not None and message.message_id in seen) or not flt.matches(message):
                     continue
                 if handled_here and time.monotonic() - opened > self.hold_seconds:
                     seen.update(handled_here)

@@ -146,6 +146,9 @@ def _run(admin: DeadLetterAdmin, work: Callable[[DeadLetterAdmin], Coroutine[Any
         return asyncio.run(main())
     except QueueNotFoundError as exc:
         raise CliError(str(exc), EXIT_NOT_FOUND) from exc
+    finally:
+        for warning in dict.fromkeys(admin.warnings):
+            click.echo(f"warning: {warning}", err=True)
 
 
 class _Progress:
