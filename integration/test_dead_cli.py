@@ -535,6 +535,36 @@ async def test_sigkilled_replay_loses_nothing(world: World) -> None:
     assert 8 <= len(in_work) < 30
 
 
+async def test_dead_commands_take_turns_on_one_queue(quorum_world: World) -> None:
+    """While a replay holds Q.dead, list refuses (exit 1) instead of showing a queue that looks empty."""
+    world = quorum_world
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(5)], {"mail"})
+    script = Path(sys.executable).with_name("queueable")
+    proc = subprocess.Popen(
+        [str(script), "dead", "replay", "--all", "--rate", "2"],
+        env=world.env,
+        cwd=INTEGRATION_DIR,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while await world.ready(world.queue) < 1:
+            assert time.monotonic() < deadline, "the replay did not start"
+            await asyncio.sleep(0.05)
+        busy = await asyncio.to_thread(cli, world, "dead", "list")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert busy.returncode == 1, busy.stderr
+    assert busy.stderr.startswith(f"error: another `queueable dead` command is working on {world.dead}")
+    await asyncio.sleep(0.3)
+    after = await asyncio.to_thread(cli, world, "dead", "list", "--json")  # the lock died with the process
+    assert after.returncode == 0, after.stderr
+    listed = {row["id"] for row in json_lines(after.stdout)}
+    assert listed | set(await world.peek(world.queue)) == set(ids)
+
+
 # -- purge -----------------------------------------------------------------------------------------------------
 
 

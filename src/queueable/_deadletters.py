@@ -57,6 +57,7 @@ __all__ = [
     "DeadFilter",
     "DeadLetterAdmin",
     "DeadLetterNotFoundError",
+    "DeadLettersBusyError",
     "DeadMessage",
     "DryRunResult",
     "ExportFormatError",
@@ -70,6 +71,8 @@ __all__ = [
 ]
 
 EXPORT_VERSION = 1
+#: ``<dead-letter queue><LOCK_SUFFIX>``: the exclusive queue that makes dead commands on one queue take turns.
+LOCK_SUFFIX = ".lock"
 # Added by the broker on each delivery from a quorum queue: not part of the message, so never shown or exported.
 BROKER_DELIVERY_HEADERS = frozenset({"x-delivery-count"})
 PROPERTY_NAMES = (
@@ -95,6 +98,11 @@ class DeadLetterNotFoundError(QueueableError, LookupError):
 
 class QueueNotFoundError(QueueableError, LookupError):
     """A queue or exchange that the command needs does not exist on the broker."""
+
+
+class DeadLettersBusyError(QueueableError):
+    """Another ``queueable dead`` command holds the dead-letter queue (one at a time, or they see each other's
+    held letters as missing)."""
 
 
 class ExportFormatError(QueueableError, ValueError):
@@ -664,6 +672,7 @@ class DeadLetterAdmin:
         self.hold_seconds = hold_seconds
         #: Things an operator should know about the last operations (e.g. other consumers on a dead-letter queue).
         self.warnings: list[str] = []
+        self._locks: set[str] = set()
         self._connection: aio_pika.abc.AbstractConnection | None = None
 
     @classmethod
@@ -916,8 +925,46 @@ class DeadLetterAdmin:
             raise QueueNotFoundError(msg)
 
     @contextlib.asynccontextmanager
+    async def _locked(self, dead_queue: str) -> AsyncIterator[None]:
+        """Hold the admin lock of ``dead_queue``: an exclusive queue ``<dead_queue>.lock`` on this connection.
+
+        Only one connection can declare an exclusive queue; the broker deletes it when the connection dies,
+        so a killed command never leaves the lock behind. Re-entrant within this admin.
+        """
+        if dead_queue in self._locks:
+            yield
+            return
+        name = dead_queue + LOCK_SUFFIX
+        channel = await self.connection.channel()
+        try:
+            await channel.declare_queue(name, exclusive=True, durable=False, arguments={"x-queue-type": "classic"})
+        except Exception as exc:
+            if not _is_locked(exc):
+                raise
+            msg = (
+                f"another `queueable dead` command is working on {dead_queue} (it holds {name}); "
+                "run this one when it has finished"
+            )
+            raise DeadLettersBusyError(msg) from exc
+        self._locks.add(dead_queue)
+        try:
+            yield
+        finally:
+            self._locks.discard(dead_queue)
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.queue_delete(name)
+                await channel.close()
+
+    @contextlib.asynccontextmanager
     async def _snapshot(self, dead_queue: str) -> AsyncIterator[list[_Held]]:
         """Every ready message of ``dead_queue``, held unacked; on exit the unsettled ones go back in order."""
+        await self._require_queue(dead_queue)
+        async with self._locked(dead_queue), self._held(dead_queue) as held:
+            yield held
+
+    @contextlib.asynccontextmanager
+    async def _held(self, dead_queue: str) -> AsyncIterator[list[_Held]]:
         channel = await self.connection.channel()
         held: list[_Held] = []
         try:
@@ -966,10 +1013,11 @@ class DeadLetterAdmin:
                 continue
             seen: set[str | None] = set()
             more = True
-            while more and (limit is None or len(done) < limit):
-                # One snapshot is held for at most hold_seconds, far below the broker's consumer timeout
-                # (30 min on 3.10), which would close the channel and take every held message back.
-                more = await self._move_batch(dead_queue, flt, limit, interval, progress, action, done, seen)
+            async with self._locked(dead_queue):
+                while more and (limit is None or len(done) < limit):
+                    # One snapshot is held for at most hold_seconds, far below the broker's consumer timeout
+                    # (30 min on 3.10), which would close the channel and take every held message back.
+                    more = await self._move_batch(dead_queue, flt, limit, interval, progress, action, done, seen)
         _raise_if_all_missing(missing, len(self.dead_queues))
         return done
 
@@ -1055,6 +1103,14 @@ def _is_not_found(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, ChannelNotFoundEntity)
+
+
+def _is_locked(exc: BaseException) -> bool:
+    try:
+        from aiormq.exceptions import ChannelLockedResource  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, ChannelLockedResource)
 
 
 def _text(value: Any) -> str | None:
