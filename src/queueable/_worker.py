@@ -47,6 +47,9 @@ __all__ = ["ConsumerTransport", "StopReason", "Worker", "WorkerOptions", "Worker
 log = logging.getLogger("queueable.worker")
 
 _MEMORY_CHECK_INTERVAL = 1.0  # seconds between two RSS readings
+#: Pause before requeueing a message whose outcome could not be made durable (or whose processing broke), so
+#: that a persistent cause (a deleted dead-letter queue, say) does not turn into a hot redelivery loop.
+REQUEUE_PAUSE = 0.5
 
 
 class ConsumerTransport(Protocol):
@@ -253,6 +256,7 @@ class Worker:
             except Exception:
                 # Processor.process turns listener errors into outcomes; this is a bug or a broken transport.
                 log.exception("unexpected error processing message %s; requeueing it", incoming.message_id)
+                await self._pause_before_requeue()
                 await self._settle(token, ack=False)
             finally:
                 self._busy -= 1
@@ -291,6 +295,7 @@ class Worker:
                 kind,
                 exc,
             )
+            await self._pause_before_requeue()
             await self._settle(token, ack=False)
             return
         if isinstance(outcome, RetryLater):
@@ -313,6 +318,12 @@ class Worker:
                 outcome.error,
             )
         await self._settle(token, ack=True)
+
+    async def _pause_before_requeue(self) -> None:
+        if not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REQUEUE_PAUSE):
+                    await self._stop.wait()
 
     async def _settle(self, token: Any, *, ack: bool) -> None:
         try:

@@ -167,7 +167,10 @@ async def _run(app: App, settings: Settings, options: WorkerOptions) -> StopReas
     from queueable.transport.rabbitmq import RabbitMQTransport  # noqa: PLC0415 - the CLI loads fast without it
 
     app.provider.validate()
-    transport = RabbitMQTransport(settings, queues=options.queues)
+    # One connection per worker process: listeners that dispatch events publish through the worker's transport
+    # (which declares every queue of the app, not only the consumed ones, before its first publish).
+    transport = RabbitMQTransport(settings, queues=app.provider.queue_names)
+    app.use_transport(transport)
     worker = Worker(app.processor(), transport, options)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
