@@ -437,6 +437,23 @@ async def test_replay_subset_moves_exactly_that_subset_and_a_consumer_handles_it
     assert await order_of(world, world.dead) == others
 
 
+async def test_replay_into_a_running_worker(quorum_world: World) -> None:
+    """With a worker already consuming, replayed letters are handled as they arrive; the rest stay dead."""
+    world = quorum_world
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(3)] + [UserSignedUp(id="u")], {"charge", "crm"})
+    listeners = dict(await world.peek_listeners(world.dead))
+    charge_ids = [i for i in ids if listeners[i] == "charge"]
+    worker = asyncio.create_task(world.run_worker(len(charge_ids)))
+    await asyncio.sleep(0.5)  # consuming
+    result = await asyncio.to_thread(cli, world, "dead", "replay", "--all", "--event", "deadtest.order_placed")
+    assert result.returncode == 0, result.stderr
+    stats = await asyncio.wait_for(worker, timeout=20)
+    assert stats.handled == len(charge_ids) == 3
+    assert stats.dead_lettered == 0
+    assert await world.peek(world.dead) == [i for i in ids if listeners[i] == "crm"]
+    assert await world.ready(world.queue) == 0
+
+
 async def test_long_replay_takes_fresh_snapshots_and_keeps_order(world: World) -> None:
     """A replay longer than the hold budget returns its snapshot and takes another: same result, same order."""
     ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(6)], {"mail", "charge"})
