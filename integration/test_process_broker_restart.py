@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import time
 from typing import TYPE_CHECKING
 
@@ -102,10 +103,13 @@ async def test_broker_restart_while_publishing_loses_no_confirmed_dispatch(
     assert consumer.returncode is None, "the consumer should survive a broker restart by itself"
 
 
+@pytest.mark.parametrize("outage", ["restart", "crash"])
 async def test_broker_restart_while_consuming_loses_nothing_and_the_consumer_recovers(
-    rabbit_node: RabbitNode, private_world: World
+    rabbit_node: RabbitNode, private_world: World, outage: str
 ) -> None:
-    """A consumer busy when its broker restarts reconnects by itself and handles every message (at least once)."""
+    """A consumer busy when its broker restarts (or crashes and comes back) recovers by itself and handles every
+    message at least once.
+    """
     world = private_world
     consumer = await world.start("--concurrency", "2", "--prefetch", "4")
     app = await world.app()
@@ -118,7 +122,11 @@ async def test_broker_restart_while_consuming_loses_nothing_and_the_consumer_rec
         return len(world.handled())
 
     await world.until(lambda n: n >= 8, handled, timeout=15, what="8 messages to be handled")
-    await asyncio.to_thread(rabbit_node.restart)
+    if outage == "crash":
+        await asyncio.to_thread(rabbit_node.kill)
+        await asyncio.to_thread(rabbit_node.start)
+    else:
+        await asyncio.to_thread(rabbit_node.restart)
     assert len(world.handled()) < len(ids), "every message was handled before the restart: the test proved nothing"
 
     counts = await world.until_handled(ids, timeout=45, consumer=consumer)
@@ -158,3 +166,26 @@ async def test_a_retry_waiting_in_its_delay_queue_survives_a_broker_restart(
     counts = await world.until_handled(["parked"], timeout=30, consumer=consumer)
     assert counts == {"parked": 1}
     assert [line.kind for line in world.records()] == ["attempt", "attempt", "handled"]
+
+
+async def test_sigterm_while_the_broker_is_down_still_exits_within_the_shutdown_timeout(
+    rabbit_node: RabbitNode, private_world: World
+) -> None:
+    """A consumer told to stop while its broker is unreachable does not hang in reconnection: it exits."""
+    world = private_world
+    consumer = await world.start("--shutdown-timeout", "2")
+    app = await world.app()
+    await app.dispatch(Job(id="before"))
+    await world.until_handled(["before"], timeout=10)
+    await app.close()
+
+    await asyncio.to_thread(rabbit_node.stop)
+    await asyncio.sleep(1)  # the consumer notices and starts reconnecting
+    consumer.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+
+    code = await consumer.wait(timeout=30)
+    elapsed = time.monotonic() - signalled
+    assert code >= 0, f"killed by signal {-code}:\n{world.outputs()}"
+    # Nothing is in flight, so nothing justifies waiting past the shutdown timeout (2 s) for an absent broker.
+    assert elapsed < 2 + 2, f"took {elapsed:.1f} s to exit:\n{world.outputs()}"

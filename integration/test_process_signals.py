@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from apps.recorder import Crash, Job, Slow
+from apps.recorder import Crash, Job, Slow, SlowSync
 from queueable import DeadReason
 from queueable.transport.rabbitmq import dead_reason_of
 
@@ -143,3 +143,26 @@ async def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_deliver
 
     await world.start(env=env)
     assert await world.until_handled(["innocent"], timeout=10) == {"innocent": 1}
+
+
+async def test_sigterm_with_a_sync_handler_outliving_the_timeout_exits_0_promptly_and_requeues(
+    world: World,
+) -> None:
+    """A sync listener stuck in its thread does not keep the process alive: it exits 0, the message is requeued."""
+    consumer = await world.start("--concurrency", "1", "--shutdown-timeout", "1")
+    app = await world.app()
+    await app.dispatch(SlowSync(id="sync-stuck", seconds=60, then_seconds=0.05))
+
+    async def started() -> set[str]:
+        return _started(world)
+
+    await world.until(lambda s: s == {"sync-stuck"}, started, timeout=10, what="the sync handler to start")
+    consumer.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+
+    assert await consumer.wait(timeout=10) == 0, world.outputs()
+    assert time.monotonic() - signalled < 1 + 5
+    assert world.handled() == {}
+
+    await world.start()
+    assert await world.until_handled(["sync-stuck"], timeout=15) == {"sync-stuck": 1}

@@ -14,6 +14,7 @@ Listeners (all on the default queue, retried 3 times, 0.2 s then 0.4 s apart, no
 - ``flaky(Flaky)``: records ``attempt``; raises until it has seen ``failures`` attempts, then records ``handled``.
   With ``retry_delay`` it raises ``queueable.Retry(delay=retry_delay)`` instead of ``RuntimeError``.
 - ``doomed(Doomed)``: records ``attempt`` and always raises ``RuntimeError("doomed <id>")``.
+- ``slow_sync(SlowSync)``: the same as ``slow`` in a plain (sync) function, so it runs in a worker thread.
 - ``crash(Crash)``: records ``attempt`` and SIGKILLs its own process (a message that kills every worker).
 - ``slow(Slow)``: records ``started``, sleeps ``seconds`` (``then_seconds`` when this id has started before, if
   set), records ``handled``.
@@ -63,6 +64,13 @@ class Crash(BaseModel):
 
 @event("qtest.slow")
 class Slow(BaseModel):
+    id: str
+    seconds: float
+    then_seconds: float | None = None
+
+
+@event("qtest.slow_sync")
+class SlowSync(BaseModel):
     id: str
     seconds: float
     then_seconds: float | None = None
@@ -142,6 +150,13 @@ async def slow(event: Slow) -> None:
     record("handled", event.id)
 
 
+def slow_sync(event: SlowSync) -> None:
+    record("started", event.id)
+    again = event.then_seconds is not None and count_of("started", event.id) > 1
+    time.sleep(event.then_seconds if again and event.then_seconds is not None else event.seconds)
+    record("handled", event.id)
+
+
 def create_app(**overrides: Any) -> App:
     """The app, with settings from ``QUEUEABLE_*`` and ``overrides`` (the test process passes its own).
 
@@ -150,6 +165,6 @@ def create_app(**overrides: Any) -> App:
     if os.environ.get(DELIVERY_LIMIT_ENV):
         overrides.setdefault("delivery_limit", int(os.environ[DELIVERY_LIMIT_ENV]))
     app = App(settings=Settings.from_env(**overrides), default_retry=RETRY)
-    for func in (record_job, flaky, doomed, crash, slow):
+    for func in (record_job, flaky, doomed, crash, slow, slow_sync):
         app.add_listener(func, queue=True)
     return app
