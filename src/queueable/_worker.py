@@ -14,7 +14,12 @@ the broker has requeued it already, and publishing its copy would only make a du
 
 Concurrency: the transport pushes deliveries (at most ``prefetch`` unacked) into a local buffer; ``concurrency``
 tasks take them one at a time. Sync listeners run in worker threads (``call_listener``), so the loop keeps
-acking while they run.
+acking while they run. Nothing is logged per successful message above DEBUG. The RabbitMQ transport merges
+acks of handlers that finish together into one ``multiple`` ack where that is exact (``AckCoalescer``).
+
+A handler must finish well within RabbitMQ's ``consumer_timeout`` (30 min by default, checked about once a
+minute): past it the broker closes the channel and redelivers the message while the handler still runs. Use
+``Listener.timeout`` (``@listener(timeout=...)``) for anything that might hang.
 
 Shutdown (SIGTERM/SIGINT, ``--max-messages``, ``--time-limit``, ``--memory-limit``): cancel the consumers, requeue
 what is buffered but not started, give running handlers ``shutdown_timeout`` seconds, then cancel them and

@@ -7,23 +7,28 @@ Topology
 ========
 
 One durable direct exchange, and per work queue ``Q`` (the default queue, plus every listener's
-``queue_name``) a dead-letter queue and a set of delay queues::
+``queue_name``) a dead-letter queue and a set of delay queues. No broker plugin is needed::
 
-                       routing key = Q                    ┌──────────────────────────────────────────┐
-    dispatch() ──► [exchange "queueable", direct] ──────► │ Q   quorum, x-delivery-limit=N,          │ ◄─ workers
-                          │                               │    dead-letters to Q.dead (at-least-once)│
-                          │ routing key = Q.dead          └──────────────────────────────────────────┘
-                          ▼                                  ▲ TTL expired:          │ delivered more than N
-                   ┌─────────────┐   DeadLetter outcome:     │ back to Q via the     │ times (worker kept
-                   │   Q.dead    │ ◄── worker publishes,     │ default exchange      │ dying): the broker
-                   │   quorum    │     confirmed, then acks  │                       │ moves it itself
-                   └─────────────┘ ◄─────────────────────────┼───────────────────────┘
-                                                             │
-                   ┌──────────────────────────────┐          │
-    RetryLater ──► │ Q.delay.<ms>   one queue per │ ─────────┘
-    (worker, via   │ (Q, bucket): x-message-ttl=ms│
-    the default    │ x-expires=ms+1h, no consumer │
-    exchange)      └──────────────────────────────┘
+    dispatch() ── publish: confirmed, mandatory, persistent ──┐
+                                                              ▼
+               ┌────────── routing key Q ─────────── exchange "queueable" ──── routing key Q.dead ───┐
+               │                                  (direct, durable)                                 │
+               ▼                                          ▲                                         ▼
+    ┌───────────────────────┐  deliver  ┌───────────────────┐ DeadLetter: copy      ┌──────────────────────┐
+    │ Q          work queue │ ────────► │ queueable-consume │ published, confirmed, │ Q.dead               │
+    │ quorum,               │ ◄── ack ─ │ (Processor.process│ then the original is  │ quorum, no delivery  │
+    │ x-delivery-limit = N  │           │  decides)         │ acked                 │ limit, no consumer   │
+    └───────────────────────┘           └───────────────────┘                       └──────────────────────┘
+         ▲             │                          │ RetryLater: copy published to the            ▲
+         │             │                          │ bucket's delay queue (default exchange),     │
+         │             │                          ▼ confirmed, then the original is acked        │
+         │             │            ┌────────────────────────────────┐                           │
+         └─────────────┼─────────── │ Q.delay.<ms>   one per bucket, │                           │
+           TTL expired:│            │ x-message-ttl = ms, no consumer│                           │
+           back to Q   │            │ x-expires = ms + 1 h           │                           │
+                       │            └────────────────────────────────┘                           │
+                       └─── delivered N+1 times (a worker kept dying on it): the broker ─────────┘
+                            dead-letters it itself, at-least-once; x-death reason "delivery_limit"
 
 - **Work queues** are quorum queues by default (``Settings.queue_type``): durable, replicated in a cluster,
   and ``x-delivery-limit = Settings.delivery_limit`` guards against a message that kills the worker on every
@@ -33,9 +38,10 @@ One durable direct exchange, and per work queue ``Q`` (the default queue, plus e
   ``x-first-death-reason = "delivery_limit"``: :func:`dead_reason_of` reports it as
   :attr:`DeadReason.DELIVERY_LIMIT`. With ``queue_type="classic"`` there is no delivery limit (classic queues
   have none); everything else is the same.
-- **Dead-letter queues** ``Q.dead`` have the same type, no arguments, and are bound to the exchange with
-  routing key ``Q.dead`` (so a dead letter is published like any message; ``mandatory`` makes a missing DLQ a
-  publish error, and the original is then requeued, never acked).
+- **Dead-letter queues** ``Q.dead`` have the same type and no other arguments (no delivery limit: browsing a
+  quorum queue counts as deliveries), and are bound to the exchange with routing key ``Q.dead`` (so a dead
+  letter is published like any message; ``mandatory`` makes a missing DLQ a publish error, and the original
+  is then requeued, never acked).
 - **Delay queues** ``Q.delay.<ms>`` (no plugin, no head-of-line blocking): a queue per work queue and delay
   bucket, with a per-queue ``x-message-ttl``, so every message in it expires in FIFO order and a 1 s retry is
   never held behind a 10 min one. Expired messages dead-letter to ``Q`` through the default exchange
@@ -46,6 +52,10 @@ One durable direct exchange, and per work queue ``Q`` (the default queue, plus e
   up to 6.4e8 ms ≈ 7.4 days): at most +28 % late, never early, and only the few buckets a retry policy
   actually hits are created. A delay of 0 goes straight back to ``Q``. Retried messages are never held
   unacked in worker memory (which would break on RabbitMQ's consumer timeout).
+
+The worker's consuming channel declares the exchange, its queues and their bindings *robustly*: after a
+reconnect (even to a node that lost its definitions) or a broker-side consumer cancel (a deleted queue),
+aio-pika restores them and consumes again by itself.
 
 Declaring is idempotent: the same name with the same arguments is a no-op. A queue that already exists with
 *other* arguments (say classic instead of quorum, or another delivery limit) is a
