@@ -454,6 +454,30 @@ async def test_replay_into_a_running_worker(quorum_world: World) -> None:
     assert await world.ready(world.queue) == 0
 
 
+async def test_replay_to_another_queue(quorum_world: World) -> None:
+    """--to sends the copies to that work queue (a listener that moved), and says so."""
+    world = quorum_world
+    ids = await world.kill([UserSignedUp(id="u1"), UserSignedUp(id="u2")], {"crm"})
+    other = world.queue + "2"
+    transport = RabbitMQTransport(world.settings, queues=[other])
+    try:
+        await transport.declare_topology()
+    finally:
+        await transport.close()
+    try:
+        result = await asyncio.to_thread(cli, world, "dead", "replay", "--all", "--to", other)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"replayed 2 dead letters (2 to {other})"
+        assert await world.settled(other, 2) == 2
+        assert await world.peek(other) == ids
+        assert await world.ready(world.queue) == 0
+    finally:
+        channel = await world.connection.channel()
+        for name in (other, other + ".dead"):
+            await channel.queue_delete(name)
+        await channel.close()
+
+
 async def test_long_replay_takes_fresh_snapshots_and_keeps_order(world: World) -> None:
     """A replay longer than the hold budget returns its snapshot and takes another: same result, same order."""
     ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(6)], {"mail", "charge"})

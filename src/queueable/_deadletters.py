@@ -761,8 +761,11 @@ class DeadLetterAdmin:
         limit: int | None = None,
         rate: float | None = None,
         progress: Callable[[DeadMessage], None] | None = None,
+        to_queue: str | None = None,
     ) -> list[DeadMessage]:
         """Move the matching dead letters back to their work queues; returns those moved, in order.
+
+        ``to_queue`` sends every copy to that work queue instead (a listener moved to another queue).
 
         Each copy (attempt 1, ``x-queueable-replays`` + 1, failure headers removed) is published to the
         exchange with routing key = the original work queue, mandatory and confirmed; only then is the dead
@@ -786,6 +789,7 @@ class DeadLetterAdmin:
 
             async def publish(message: DeadMessage) -> None:
                 out = replay_message(message.to_incoming())
+                target = to_queue or out.queue
                 amqp = aio_pika.Message(
                     body=out.body,
                     headers=_amqp_value(out.headers),
@@ -799,11 +803,11 @@ class DeadLetterAdmin:
                 )
                 try:
                     await exchange.publish(
-                        amqp, routing_key=out.queue, mandatory=True, timeout=self.settings.publish_timeout
+                        amqp, routing_key=target, mandatory=True, timeout=self.settings.publish_timeout
                     )
                 except Exception as exc:
                     msg = (
-                        f"replay of {message.message_id} to queue {out.queue!r} was not confirmed "
+                        f"replay of {message.message_id} to queue {target!r} was not confirmed "
                         f"({type(exc).__qualname__}: {exc}); it is still in {message.queue}"
                     )
                     raise PublishError(msg) from exc

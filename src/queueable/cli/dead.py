@@ -304,6 +304,9 @@ def _render(message: DeadMessage, *, copies: int) -> str:
 @filter_options
 @click.option("--dry-run", is_flag=True, help="With --app: report what would fail again; move nothing.")
 @click.option(
+    "--to", "to_queue", metavar="Q", help="Send every copy to work queue Q instead of where it came from."
+)
+@click.option(
     "--rate", type=click.FloatRange(min=0, min_open=True), metavar="N", help="At most N messages a second."
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -321,6 +324,7 @@ def replay(  # noqa: PLR0917 - click passes each option as an argument
     since: str | None,
     limit: int | None,
     dry_run: bool,
+    to_queue: str | None,
     rate: float | None,
     as_json: bool,
 ) -> None:
@@ -346,10 +350,12 @@ def replay(  # noqa: PLR0917 - click passes each option as an argument
     async def work(a: DeadLetterAdmin) -> list[DeadMessage]:
         total = await _planned(a, flt, limit)
         with _Progress("replaying", total, enabled=not as_json) as step:
-            return await a.replay(flt, limit=limit, rate=rate, progress=_each(step, as_json, "replayed"))
+            return await a.replay(
+                flt, limit=limit, rate=rate, progress=_each(step, as_json, "replayed", to_queue), to_queue=to_queue
+            )
 
     moved = _run(admin, work)
-    _summary("replayed", moved, as_json=as_json)
+    _summary("replayed", moved, as_json=as_json, to_queue=to_queue)
     _check_ids_found(ids, moved)
 
 
@@ -532,23 +538,27 @@ async def _planned(admin: DeadLetterAdmin, flt: DeadFilter, limit: int | None) -
     return min(total, limit) if limit is not None else total
 
 
-def _each(step: Callable[[DeadMessage], None], as_json: bool, action: str) -> Callable[[DeadMessage], None]:
+def _each(
+    step: Callable[[DeadMessage], None], as_json: bool, action: str, to_queue: str | None = None
+) -> Callable[[DeadMessage], None]:
     def report(message: DeadMessage) -> None:
         step(message)
         if as_json:
-            echo_json({"action": action, "id": message.message_id, "queue": message.original_queue})
+            echo_json({"action": action, "id": message.message_id, "queue": to_queue or message.original_queue})
 
     return report
 
 
-def _summary(action: str, messages: list[DeadMessage], *, as_json: bool) -> None:
+def _summary(action: str, messages: list[DeadMessage], *, as_json: bool, to_queue: str | None = None) -> None:
     per_queue: dict[str, int] = {}
     for message in messages:
-        per_queue[message.original_queue] = per_queue.get(message.original_queue, 0) + 1
+        queue = to_queue or message.original_queue
+        per_queue[queue] = per_queue.get(queue, 0) + 1
     if as_json:
         echo_json({"summary": action, "count": len(messages), "queues": per_queue})
         return
-    detail = ", ".join(f"{count} from {queue}" for queue, count in per_queue.items())
+    preposition = "to" if action == "replayed" else "from"
+    detail = ", ".join(f"{count} {preposition} {queue}" for queue, count in per_queue.items())
     plural = "s" if len(messages) != 1 else ""
     click.echo(f"{action} {len(messages)} dead letter{plural}" + (f" ({detail})" if detail else ""))
 
