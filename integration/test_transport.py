@@ -313,3 +313,38 @@ def test_topology_command_declares_and_reports(amqp_url, admin, unique):
     conflicting = runner.invoke(topology, ["declare"], env={**env, "QUEUEABLE_QUEUE_TYPE": "classic"})
     assert conflicting.exit_code == 5
     assert "already exists with other arguments" in conflicting.output
+
+
+@pytest.mark.slow
+async def test_publish_across_a_broker_outage(rabbit_node, unique):
+    """On a private node: while it is down, publish raises PublishError after its timeout (never a false
+    success); a publish started during the outage completes once the node is back, and the message is there.
+    """
+    settings = Settings(url=rabbit_node.url, exchange=unique, default_queue=unique, publish_timeout=1.5)
+    transport = RabbitMQTransport(settings, queues=[unique])
+    patient = RabbitMQTransport(settings.merged(publish_timeout=60.0), queues=[unique])
+    try:
+        await transport.publish([message(unique)])
+        await patient.connect()
+        await asyncio.to_thread(rabbit_node.stop)
+        started = time.monotonic()
+        with pytest.raises(PublishError, match="not confirmed within"):
+            await transport.publish([message(unique)])
+        assert 1.4 < time.monotonic() - started < 4
+        waiting = message(unique)
+        pending = asyncio.create_task(patient.publish([waiting]))
+        await asyncio.sleep(0.5)
+        assert not pending.done()
+        await asyncio.to_thread(rabbit_node.start)
+        await asyncio.wait_for(pending, 60)
+        connection = await aio_pika.connect(rabbit_node.url)
+        try:
+            got = await drain(connection, unique)
+            assert waiting.message_id in {m.message_id for m in got}
+        finally:
+            await connection.close()
+    finally:
+        if not rabbit_node.running:
+            await asyncio.to_thread(rabbit_node.start)
+        await transport.close()
+        await patient.close()
