@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from queueable import App, PublishError, RetryPolicy, Settings, event
 from queueable._dispatcher import build_messages
 from queueable._wire import IncomingMessage, OutgoingMessage
-from queueable._worker import StopReason, Worker, WorkerOptions, current_rss_mb
+from queueable._worker import REQUEUE_PAUSE, StopReason, Worker, WorkerOptions, current_rss_mb
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -279,3 +279,18 @@ def test_worker_needs_a_queue(app):
     """A worker without queues is a programming error."""
     with pytest.raises(ValueError, match="queue"):
         Worker(app.processor(), ScriptedTransport(), WorkerOptions(queues=()))
+
+
+async def test_failed_outcome_waits_before_requeueing(app):
+    """A copy that cannot be published is requeued after a pause, so a lasting cause does not spin."""
+    transport = ScriptedTransport()
+    transport.fail_publish = True
+    worker, task = await run_with(app, transport)
+    assert transport.deliver is not None
+    started = asyncio.get_running_loop().time()
+    transport.deliver(incoming(Job(id="g", fail=True)), "t1")
+    await settle(transport, 1)
+    assert asyncio.get_running_loop().time() - started >= REQUEUE_PAUSE * 0.9
+    worker.stop()
+    await task
+    assert transport.settled() == [("retry-failed", "queueable"), ("nack", "t1")]
