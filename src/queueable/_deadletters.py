@@ -26,7 +26,9 @@ import decimal
 import enum
 import fnmatch
 import json
+import os
 import re
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -689,8 +691,15 @@ class DeadLetterAdmin:
         """Open the connection (``async with`` does this)."""
         import aio_pika  # noqa: PLC0415 - only the broker commands need it
 
+        from queueable.transport.rabbitmq import ssl_context  # noqa: PLC0415 - the same TLS setup as workers
+
         if self._connection is None:
-            self._connection = await aio_pika.connect(self.settings.url, timeout=self.settings.connect_timeout)
+            self._connection = await aio_pika.connect(
+                self.settings.url,
+                ssl_context=ssl_context(self.settings),
+                timeout=self.settings.connect_timeout,
+                client_properties={"connection_name": f"queueable admin {socket.gethostname()} pid {os.getpid()}"},
+            )
 
     async def close(self) -> None:
         """Close the connection; any message still held returns to its queue."""
