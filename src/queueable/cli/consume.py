@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
@@ -52,8 +53,8 @@ Exit codes: 0 stopped cleanly (signal, --max-messages, --time-limit, --memory-li
 @click.option(
     "--prefetch",
     type=click.IntRange(min=1),
-    help="Unacked deliveries the broker may push to this worker (default: QUEUEABLE_PREFETCH or 64, "
-    "at least --concurrency).",
+    help="Unacked deliveries the broker may push to this worker, per consumed queue (default: "
+    "QUEUEABLE_PREFETCH or 64, at least --concurrency).",
 )
 @click.option(
     "--concurrency",
@@ -61,7 +62,7 @@ Exit codes: 0 stopped cleanly (signal, --max-messages, --time-limit, --memory-li
     type=click.IntRange(min=1),
     default=DEFAULT_CONCURRENCY,
     show_default=True,
-    help="Messages handled at the same time (async listeners as tasks, sync ones in threads).",
+    help="Messages handled at the same time (async listeners as tasks, sync ones in a pool of as many threads).",
 )
 @click.option(
     "--max-messages",
@@ -173,6 +174,13 @@ async def _run(app: App, settings: Settings, options: WorkerOptions) -> StopReas
     app.use_transport(transport)
     worker = Worker(app.processor(), transport, options)
     loop = asyncio.get_running_loop()
+    # Sync listeners run in the default executor: size it to the concurrency (asyncio's default is min(32, cpus+4),
+    # which would leave worker slots waiting for a thread on a small machine).
+    loop.set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(
+            max_workers=options.concurrency, thread_name_prefix="queueable-listener"
+        )
+    )
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop, StopReason.SIGNAL)
     log.info("queueable worker pid %d connecting to %s", os.getpid(), mask_url(settings.url))
