@@ -311,6 +311,7 @@ class Worker:
                 incoming.headers.get(_wire.H_LISTENER),
                 outcome.error,
                 outcome.delay,
+                extra=_fields(incoming, delay=outcome.delay, attempt=outcome.message.headers.get(_wire.H_ATTEMPT)),
             )
         else:
             self.stats.dead_lettered += 1
@@ -321,6 +322,7 @@ class Worker:
                 outcome.message.queue,
                 outcome.reason,
                 outcome.error,
+                extra=_fields(incoming, reason=str(outcome.reason), dead_letter_queue=outcome.message.queue),
             )
         await self._settle(token, ack=True)
 
@@ -341,6 +343,18 @@ class Worker:
             log.warning(
                 "could not %s a delivery (%s); the broker will redeliver it", "ack" if ack else "nack", exc
             )
+
+
+def _fields(incoming: _wire.IncomingMessage, **more: Any) -> dict[str, Any]:
+    """Structured fields for ``--log-format json`` (failure paths only; never per successful message)."""
+    return {
+        "message_id": incoming.message_id,
+        "correlation_id": incoming.correlation_id,
+        "queue": incoming.queue,
+        "listener": incoming.headers.get(_wire.H_LISTENER),
+        "event": incoming.headers.get(_wire.H_EVENT),
+        **more,
+    }
 
 
 def current_rss_mb() -> float | None:
