@@ -143,19 +143,25 @@ class World:
 
     async def run_worker(self, messages: int, *, clock: float | None = None) -> WorkerStats:
         """The real in-process worker on this queue until it has taken ``messages`` messages."""
+        return await self.run_worker_on(self.queue, messages, clock=clock)
+
+    async def run_worker_on(
+        self, queue: str, messages: int, *, clock: float | None = None, failing: set[str] | None = None
+    ) -> WorkerStats:
+        """The real in-process worker on ``queue`` until it has taken ``messages`` messages."""
         app = self.app()
         processor = app.processor(clock=(lambda: clock) if clock is not None else time.time)
-        transport = RabbitMQTransport(self.settings, queues=[self.queue])
+        transport = RabbitMQTransport(self.settings, queues=[queue])
+        FAILING.update(failing or ())
         worker = Worker(
             processor,
             transport,
-            WorkerOptions(
-                queues=(self.queue,), prefetch=1, concurrency=1, max_messages=messages, shutdown_timeout=5
-            ),
+            WorkerOptions(queues=(queue,), prefetch=1, concurrency=1, max_messages=messages, shutdown_timeout=5),
         )
         try:
             await asyncio.wait_for(worker.run(), timeout=20)
         finally:
+            FAILING.difference_update(failing or ())
             await transport.close()
         return worker.stats
 
@@ -399,6 +405,42 @@ async def test_filters_select_exactly_the_matching_letters(quorum_world: World) 
         {"listener": "crm", "count": 1},
     ]
     assert await world.ready(world.dead) == len(everything)
+
+
+async def test_queue_filter_selects_dead_letter_queues(quorum_world: World) -> None:
+    """--queue Q (or Q.dead) looks only in that queue's dead letters; repeated, in the order given."""
+    world = quorum_world
+    other = world.queue + "2"
+    transport = RabbitMQTransport(world.settings, queues=[other])
+    try:
+        await transport.declare_topology()
+    finally:
+        await transport.close()
+    try:
+        here = await world.kill([UserSignedUp(id="u1")], {"crm"})
+        # The same kind of letter, dead in the other queue.
+        [there] = await world.kill([UserSignedUp(id="u2")], {"crm"})
+        moved = await asyncio.to_thread(cli, world, "dead", "replay", there, "--to", other)
+        assert moved.returncode == 0, moved.stderr
+        stats = await world.run_worker_on(other, 1, failing={"crm"})
+        assert stats.dead_lettered == 1
+
+        async def listed(*args: str) -> list[tuple[str, str]]:
+            result = await asyncio.to_thread(cli, world, "dead", "list", "--json", *args)
+            assert result.returncode == 0, result.stderr
+            return [(row["id"], row["queue"]) for row in json_lines(result.stdout)]
+
+        assert await listed() == [(here[0], world.dead)]
+        assert await listed("--queue", other) == [(there, other + ".dead")]
+        assert await listed("--queue", other + ".dead", "--queue", world.queue) == [
+            (there, other + ".dead"),
+            (here[0], world.dead),
+        ]
+    finally:
+        channel = await world.connection.channel()
+        for name in (other, other + ".dead"):
+            await channel.queue_delete(name)
+        await channel.close()
 
 
 # -- replay ----------------------------------------------------------------------------------------------------
