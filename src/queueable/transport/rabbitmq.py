@@ -542,9 +542,10 @@ class RabbitMQTransport:
                     if spec.binding is not None:
                         await queue.bind(self.settings.exchange, spec.binding, robust=False)
             finally:
-                if not channel.is_closed:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
+                # Always close, even when the broker already did (a failed declaration): closing a robust
+                # channel is what stops aio-pika from reopening it in the background.
+                with contextlib.suppress(Exception):
+                    await channel.close()
 
     async def _require_connection(self) -> AbstractRobustConnection:
         if self._connection is None:
