@@ -139,7 +139,9 @@ async def fixture_admin(amqp_url: str, unique: str) -> AsyncIterator[aio_pika.ab
 
 @pytest.fixture(name="world")
 async def fixture_world(amqp_url: str, unique: str, admin: Any) -> AsyncIterator[World]:
-    """A started worker on this test's queue, stopped afterwards."""
+    """A started in-process worker on this test's queue, stopped afterwards (in this module it replaces
+    conftest's process-level ``world``).
+    """
     world = World(amqp_url, unique)
     world.start()
     await wait_for(lambda: world.worker is not None and bool(world.worker.transport._consumers))  # type: ignore[attr-defined]
