@@ -61,6 +61,10 @@ def dead() -> None:
 
     Every command reads each dead-letter queue completely and puts back what it does not remove, in the same
     order. Filters combine with AND; patterns accept shell wildcards (mailer:*).
+
+    \b
+    Exit codes: 0 done, 1 failed (or --dry-run found failures, or another dead command
+    holds the queue), 2 usage, 3 broker unreachable, 4 not found, 5 configuration.
     """
 
 
