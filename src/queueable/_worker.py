@@ -244,7 +244,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         while True:
             incoming, token = await buffer.get()
-            if self._stopping or (max_messages is not None and self._taken >= max_messages):
+            # _stop, not only _stopping: a limit hit by a worker task sets _stop, and the next buffered delivery
+            # can arrive before run() wakes up to set _stopping; it must go back, not be handled past the limit.
+            if self._stopping or self._stop.is_set() or (max_messages is not None and self._taken >= max_messages):
                 await self._settle(token, ack=False)
                 continue
             self._taken += 1
@@ -252,11 +254,16 @@ class Worker:
                 self.stop(StopReason.MAX_MESSAGES)
             self._busy += 1
             self._idle.clear()
+            deciding = True
             try:
                 outcome = await process(incoming)
+                deciding = False  # from here on _apply settles the delivery, exactly once
                 await self._apply(outcome, incoming, token)
             except asyncio.CancelledError:
-                await self._settle(token, ack=False)
+                # Cancelled by the shutdown timeout: requeue now. If _apply had started (an ack may already be
+                # on the wire), leave it: whatever is not acked is requeued when the connection closes.
+                if deciding:
+                    await self._settle(token, ack=False)
                 raise
             except Exception:
                 # Processor.process turns listener errors into outcomes; this is a bug or a broken transport.
