@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import ssl
@@ -429,3 +430,14 @@ async def test_every_tag_acked_exactly_once_in_random_order():
             acked.extend(covered)
             done.update(covered)
         assert sorted(acked) == sorted(t for t, ok in outcomes.items() if ok)
+
+
+async def test_ack_cancelled_midway_is_still_sent():
+    """A handler cancelled (shutdown timeout) right after marking its ack still gets the ack written."""
+    acks, channel = coalescer(range(1, 2))
+    task = asyncio.create_task(acks.ack(1))
+    await asyncio.sleep(0)  # the ack is marked and yields once
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert channel.frames == [("ack", 1, False)]

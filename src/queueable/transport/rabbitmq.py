@@ -805,8 +805,10 @@ class AckCoalescer:
             await self.channel.basic_ack(tag, wait=False)
             return
         self._open[tag] = _ACKED
-        await asyncio.sleep(0)  # let handlers finishing in this iteration mark theirs
-        await self._flush()
+        try:
+            await asyncio.sleep(0)  # let handlers finishing in this iteration mark theirs
+        finally:
+            await self._flush()  # even when cancelled meanwhile: an ack marked is an ack sent
 
     async def nack(self, tag: int, *, requeue: bool = True) -> None:
         """Nack ``tag``; its frame is queued before any later multiple ack can cover it."""
