@@ -994,7 +994,9 @@ class DeadLetterAdmin:
                     f"{dead_queue} has {consumers} consumer(s): they receive dead letters while this command "
                     "reads the queue, so what it sees may be incomplete"
                 )
-            while True:
+            # Until empty; bounded, so that letters arriving as fast as they are read cannot keep it going.
+            bound = 2 * (queue.declaration_result.message_count or 0) + 1000
+            while len(held) < bound:
                 raw = await queue.get(no_ack=False, fail=False, timeout=self.settings.publish_timeout)
                 if raw is None:
                     break
