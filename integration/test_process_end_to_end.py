@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import uuid
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -132,3 +134,22 @@ async def test_every_bad_input_is_dead_lettered_with_its_reason_and_the_consumer
         assert _text(message.headers["x-queueable-error-message"])
     assert world.handled() == {"before": 1, "after": 1}
     assert consumer.returncode is None
+
+
+async def test_json_log_format_writes_one_json_object_per_line_without_the_password(world: World) -> None:
+    """With --log-format json every output line is a JSON object, the dead letter is logged, no password shows."""
+    consumer = await world.start("--log-format", "json")
+    app = await world.app()
+    await app.dispatch(Doomed(id="logged"))
+    await world.take_dead(1, timeout=20)
+    consumer.signal(signal.SIGTERM)
+    assert await consumer.wait(timeout=15) == 0
+
+    lines = consumer.output().splitlines()
+    records = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+    assert all(isinstance(record, dict) and "level" in record and "message" in record for record in records)
+    assert any(record["level"] == "warning" and "dead-letter" in record["message"] for record in records), lines
+    password = urlsplit(world.url).password
+    assert password
+    assert any(":***@" in line for line in lines)  # the URL is logged, masked
+    assert not any(f":{password}@" in line for line in lines)
