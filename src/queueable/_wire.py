@@ -6,8 +6,9 @@ needs besides the body travels in AMQP properties and ``x-queueable-*`` headers;
 
 from __future__ import annotations
 
+import math
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -49,15 +50,43 @@ H_CONSUMER_HOST = "x-queueable-consumer-host"
 H_CONSUMER_PID = "x-queueable-consumer-pid"
 
 
+_second_cache: tuple[int, str] = (-1, "")
+_MICROS = 1_000_000
+
+
 def iso_now(clock: float | None = None) -> str:
-    """An ISO 8601 UTC timestamp with milliseconds."""
+    """An ISO 8601 UTC timestamp with milliseconds, e.g. ``2026-11-29T12:00:00.123+00:00``.
+
+    The same text as ``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")`` (microseconds rounded
+    half-even, then truncated to milliseconds), with the date part cached per second: this runs on every dispatch,
+    often right after I/O, where building a ``datetime`` costs several microseconds.
+    """
+    global _second_cache  # noqa: PLW0603 - a one-entry cache
     ts = time.time() if clock is None else clock
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    if not ts >= 0:  # before 1970, or NaN: the general path
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    second = math.floor(ts)
+    micro = round((ts - second) * _MICROS)
+    if micro >= _MICROS:
+        second, micro = second + 1, micro - _MICROS
+    cached_second, prefix = _second_cache
+    if cached_second != second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second_cache = (second, prefix)
+    return f"{prefix}.{micro // 1000:03d}+00:00"
+
+
+_UUID4_KEEP = ((1 << 128) - 1) & ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
 
 
 def new_message_id() -> str:
-    """A fresh, unique message id (also the idempotency key a listener may use)."""
-    return uuid.uuid4().hex
+    """A fresh, unique message id (also the idempotency key a listener may use).
+
+    A random version-4 UUID as 32 hex characters, exactly what ``uuid.uuid4().hex`` returns, built from
+    ``os.urandom`` without the ``UUID`` object: it runs for every message and every dispatch.
+    """
+    return f"{int.from_bytes(os.urandom(16)) & _UUID4_KEEP | _UUID4_SET:032x}"
 
 
 @dataclass(frozen=True, slots=True)
