@@ -113,15 +113,25 @@ async def test_broker_restart_while_consuming_loses_nothing_and_the_consumer_rec
     world = private_world
     consumer = await world.start("--concurrency", "2", "--prefetch", "4")
     app = await world.app()
+    # Declare every queue the batch uses (Q.delay.200 through a first retry) well before the outage: RabbitMQ
+    # 3.10.8 never restarts a quorum queue declared less than about a second before a kill -9 of the node
+    # ("leader not known" forever; measured with integration/_rabbit_node.py), which is the broker's bug.
+    await app.dispatch(Flaky(id="warm-up", failures=1))
+    await world.until_handled(["warm-up"], timeout=10, consumer=consumer)
+    if outage == "crash":
+        await asyncio.sleep(2)
     ids = [f"work-{i}" for i in range(60)]
-    for event_id in ids:
-        await app.dispatch(Slow(id=event_id, seconds=0.1))
+    for i, event_id in enumerate(ids):
+        if i % 6 == 5:  # every sixth fails once: its retry goes through a delay queue around the outage
+            await app.dispatch(Flaky(id=event_id, failures=1))
+        else:
+            await app.dispatch(Slow(id=event_id, seconds=0.1))
     await app.close()
 
     async def handled() -> int:
         return len(world.handled())
 
-    await world.until(lambda n: n >= 8, handled, timeout=15, what="8 messages to be handled")
+    await world.until(lambda n: n >= 1 + 8, handled, timeout=15, what="8 messages to be handled")
     if outage == "crash":
         await asyncio.to_thread(rabbit_node.kill)
         await asyncio.to_thread(rabbit_node.start)
@@ -131,7 +141,7 @@ async def test_broker_restart_while_consuming_loses_nothing_and_the_consumer_rec
 
     counts = await world.until_handled(ids, timeout=45, consumer=consumer)
 
-    assert set(counts) == set(ids)
+    assert set(counts) == {*ids, "warm-up"}
     assert consumer.returncode is None
     assert {line.pid for line in world.records()} == {consumer.pid}  # the same process, recovered by itself
 
