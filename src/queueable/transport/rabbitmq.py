@@ -399,6 +399,14 @@ _PUBLISH_FAILURES = _PERMANENT + _TRANSIENT
 _CONNECT_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, TimeoutError)
 
 
+class _CredentialsRefusedError(ConnectionRefusedError):
+    """The broker refused the login: retrying will not help."""
+
+
+class _UnreachableError(ConnectionError):
+    """No connection within ``Settings.connect_timeout``."""
+
+
 class RabbitMQTransport:
     """Publishes queued listeners' messages to RabbitMQ, and consumes them for ``queueable-consume``.
 
@@ -450,11 +458,26 @@ class RabbitMQTransport:
             raise TransportClosedError("the RabbitMQ transport is closed")
         if self._channel is not None and self._declared.issuperset(self.queues):
             return
+        deadline = time.monotonic() + self.settings.connect_timeout
         async with self._connect_lock:
-            if self._channel is None:
-                await self._open()
-            if not self._declared.issuperset(self.queues):
-                await self.declare_topology(self.queues)
+            while True:
+                try:
+                    if self._channel is None:
+                        await self._open()
+                    if not self._declared.issuperset(self.queues):
+                        await self.declare_topology(self.queues)
+                except (_CredentialsRefusedError, _UnreachableError):
+                    raise
+                except _TRANSIENT as exc:
+                    # A node that is still starting answers INTERNAL_ERROR to quorum declarations, or drops
+                    # the connection: the robust connection reconnects; declare again until the deadline.
+                    if self._closed or time.monotonic() >= deadline:
+                        msg = f"cannot set up RabbitMQ at {mask_url(self._url)}: {_describe(exc, self._url)}"
+                        raise ConnectionError(msg) from _safe_cause(exc, self._url)
+                    log.debug("connect or declare failed, retrying: %s", scrub(str(exc), self._url))
+                    await asyncio.sleep(_RETRY_PAUSE)
+                else:
+                    return
 
     async def _open(self) -> None:
         deadline = time.monotonic() + self.settings.connect_timeout
@@ -470,11 +493,11 @@ class RabbitMQTransport:
                 break
             except aiormq.exceptions.ProbableAuthenticationError as exc:
                 msg = f"RabbitMQ at {mask_url(self._url)} refused the credentials: {_describe(exc, self._url)}"
-                raise ConnectionRefusedError(msg) from _safe_cause(exc, self._url)
+                raise _CredentialsRefusedError(msg) from _safe_cause(exc, self._url)
             except _CONNECT_FAILURES as exc:
                 if time.monotonic() >= deadline:
                     msg = f"cannot connect to RabbitMQ at {mask_url(self._url)}: {_describe(exc, self._url)}"
-                    raise ConnectionError(msg) from _safe_cause(exc, self._url)
+                    raise _UnreachableError(msg) from _safe_cause(exc, self._url)
                 log.debug("connection to %s failed, retrying: %s", mask_url(self._url), exc)
                 await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
         connection.reconnect_callbacks.add(self._on_reconnect)
@@ -590,16 +613,16 @@ class RabbitMQTransport:
         if self._closed:
             raise TransportClosedError("the RabbitMQ transport is closed")
         timeout = self.settings.publish_timeout
+        last_error: list[BaseException] = []
         try:
             async with asyncio.timeout(timeout):
-                if self._channel is None or not self._declared.issuperset(self.queues):
-                    await self.connect()
-                if delay_spec is not None:
-                    await self._ensure_delay_queue(delay_spec)
+                await self._prepare(delay_spec, last_error)
                 await self._publish_confirmed(exchange, messages, delay_spec.name if delay_spec else None)
         except TimeoutError:
             names = ", ".join(sorted({m.queue for m in messages}))
             state = "" if self.is_connected else f" (no connection to {mask_url(self._url)})"
+            if last_error:
+                state += f" (last error: {_describe(last_error[-1], self._url)})"
             msg = f"{len(messages)} message(s) for {names} not confirmed within {timeout:g} s{state}"
             raise PublishError(msg, message_ids=[m.message_id for m in messages]) from None
         except (ConnectionError, aiormq.exceptions.AMQPError) as exc:
@@ -607,6 +630,28 @@ class RabbitMQTransport:
                 raise TransportClosedError("the RabbitMQ transport is closed") from None
             msg = f"cannot publish to {mask_url(self._url)}: {_describe(exc, self._url)}"
             raise PublishError(msg, message_ids=[m.message_id for m in messages]) from _safe_cause(exc, self._url)
+
+    async def _prepare(self, delay_spec: QueueSpec | None, errors: list[BaseException]) -> None:
+        """Connect and declare what this publish needs, retrying connection trouble (a broker that is down or
+        still starting answers INTERNAL_ERROR or drops the connection) until the caller's timeout. Refused
+        credentials and conflicting queue arguments are not retried.
+        """
+        while True:
+            try:
+                if self._channel is None or not self._declared.issuperset(self.queues):
+                    await self.connect()
+                if delay_spec is not None:
+                    await self._ensure_delay_queue(delay_spec)
+            except _CredentialsRefusedError:
+                raise
+            except _TRANSIENT as exc:
+                if self._closed:
+                    raise
+                errors[:] = [exc]
+                log.debug("connecting or declaring failed, retrying: %s", scrub(str(exc), self._url))
+                await asyncio.sleep(_RETRY_PAUSE)
+            else:
+                return
 
     async def _ensure_delay_queue(self, spec: QueueSpec) -> None:
         declared = self._delay_declared.get(spec.name)
