@@ -31,7 +31,7 @@ class Spread:
     q3: float
     low: float
     high: float
-    rounds: int
+    values: tuple[float, ...]  # one per round, in the order the rounds ran
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Spread:
@@ -41,7 +41,7 @@ class Spread:
             q3=percentile(values, 75),
             low=min(values),
             high=max(values),
-            rounds=len(values),
+            values=tuple(values),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -50,7 +50,7 @@ class Spread:
             "iqr": [self.q1, self.q3],
             "min": self.low,
             "max": self.high,
-            "rounds": self.rounds,
+            "rounds": list(self.values),
         }
 
 
@@ -58,8 +58,10 @@ class Spread:
 class Row:
     """A line of the results table: queueable's figure, its baseline's, and their ratio against a target.
 
-    ``target`` is a ratio bound (``ratio <= target`` when ``lower_is_better``, else ``ratio >= target``), or
-    an absolute bound on ``subject.median`` when there is no baseline.
+    The ratio is paired: round *i* of queueable against round *i* of the baseline, which ran next to it (in the
+    same round, or in the adjacent one of the ABBA ladder), so slow drift cancels; the table shows the median of
+    these per-round ratios with their interquartile range. ``target`` is a bound on that median ratio
+    (``<=`` when ``lower_is_better``, else ``>=``), or on ``subject.median`` when there is no baseline.
     """
 
     key: str
@@ -72,10 +74,17 @@ class Row:
     lower_is_better: bool
 
     @property
-    def ratio(self) -> float | None:
-        if self.baseline is None or not self.baseline.median:
+    def ratios(self) -> Spread | None:
+        """The per-round ratios subject / baseline (``None`` without a baseline)."""
+        if self.baseline is None:
             return None
-        return self.subject.median / self.baseline.median
+        pairs = list(zip(self.subject.values, self.baseline.values, strict=True))
+        return Spread.of([a / b for a, b in pairs if b])
+
+    @property
+    def ratio(self) -> float | None:
+        ratios = self.ratios
+        return ratios.median if ratios is not None else None
 
     @property
     def met(self) -> bool | None:
@@ -95,6 +104,7 @@ class Row:
             "baseline": self.baseline.as_dict() if self.baseline is not None else None,
             "baseline_label": self.baseline_label,
             "ratio": self.ratio,
+            "ratio_iqr": [self.ratios.q1, self.ratios.q3] if self.ratios is not None else None,
             "target": self.target,
             "target_kind": ("<=" if self.lower_is_better else ">=") + (" ratio" if self.baseline else " abs"),
             "met": self.met,
@@ -116,11 +126,11 @@ def _cell(spread: Spread | None) -> str:
 
 
 def table(rows: Sequence[Row]) -> str:
-    """The rows as a Markdown table (medians with the interquartile range over rounds in brackets)."""
+    """The rows as a Markdown table: medians over rounds, interquartile ranges in brackets."""
     header = ("figure", "unit", "queueable", "baseline", "ratio", "target", "met")
     lines = [header]
     for row in rows:
-        ratio = row.ratio
+        ratios = row.ratios
         if row.target is None:
             target = "-"
         else:
@@ -136,7 +146,7 @@ def table(rows: Sequence[Row]) -> str:
                 row.unit,
                 _cell(row.subject),
                 baseline.strip() or "-",
-                f"{ratio:.2f}x" if ratio is not None else "-",
+                f"{ratios.median:.2f}x [{ratios.q1:.2f}-{ratios.q3:.2f}]" if ratios is not None else "-",
                 target,
                 met,
             )

@@ -44,7 +44,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and messages (about 1 minute)")
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
-    parser.add_argument("--rounds", type=int, help="rounds per side for the publish benchmarks")
+    parser.add_argument("--rounds", type=int, help="rounds of the latency and deferred benchmarks")
     parser.add_argument("--consume-messages", type=int, help="messages per consumer round")
     parser.add_argument("--memory-messages", type=int, help="messages through the memory worker")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="event loop")
@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         f"loop {result['loop']}, {result['seconds']['total']} s\n"
     )
     print(table(rows))
-    print("\nmedian [interquartile range] over rounds; ratio = queueable / baseline (medians).")
+    print(
+        "\nmedian [interquartile range] over rounds; ratio = median [IQR] of the per-round ratios "
+        "queueable / baseline (each round paired with the baseline round run next to it)."
+    )
     if args.json:
         payload = json.dumps({**result, "results": [row.as_dict() for row in rows]}, indent=2)
         if args.json == "-":

@@ -55,12 +55,13 @@ JSON = "application/json"
 class Sizes:
     """How much work each benchmark does (``--quick`` shrinks everything)."""
 
-    rounds: int = 10  # per side, for the publish benchmarks
-    latency_samples: int = 300  # sequential publishes per round
-    throughput_messages: int = 3000  # per round
+    rounds: int = 10  # latency and deferred rounds (each holds both sides)
+    latency_samples: int = 300  # sequential publishes per side and round
+    throughput_rounds: int = 16  # per side
+    throughput_messages: int = 2000  # per round
     in_flight: int = 100  # concurrent publishes
-    consume_rounds: int = 4  # per side
-    consume_messages: int = 10_000  # per round
+    consume_rounds: int = 6  # per side
+    consume_messages: int = 6000  # per round
     deferred_samples: int = 2000  # per round
     memory_messages: int = 100_000
     memory_interval: int = 10_000
@@ -70,6 +71,7 @@ class Sizes:
         return cls(
             rounds=4,
             latency_samples=100,
+            throughput_rounds=6,
             throughput_messages=1000,
             consume_rounds=2,
             consume_messages=3000,
@@ -280,7 +282,7 @@ async def throughput(bench: Bench) -> list[Row]:
         await one_round(publish, 0)
     rates: dict[str, list[float]] = {name: [] for name, _ in sides}
     cpus: dict[str, list[float]] = {name: [] for name, _ in sides}
-    for index, side in enumerate(_ladder(sizes.rounds)):
+    for index, side in enumerate(_ladder(sizes.throughput_rounds)):
         name, publish = sides[side]
         rate, cpu = await one_round(publish, index * sizes.throughput_messages)
         rates[name].append(rate)
