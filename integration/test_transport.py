@@ -315,17 +315,29 @@ def test_topology_command_declares_and_reports(amqp_url, admin, unique):
     assert "already exists with other arguments" in conflicting.output
 
 
+@pytest.fixture(name="own_node")
+def fixture_own_node(tmp_path):
+    """A private node of this test's own (the session's one may be recovering from crash tests)."""
+    from _rabbit_node import RabbitNode  # noqa: PLC0415 - only the slow test needs it
+
+    node = RabbitNode(tmp_path / "rabbit")
+    node.start()
+    yield node
+    node.cleanup()
+
+
 @pytest.mark.slow
-async def test_publish_across_a_broker_outage(rabbit_node, unique):
+async def test_publish_across_a_broker_outage(own_node, unique):
     """On a private node: while it is down, publish raises PublishError after its timeout (never a false
     success); a publish started during the outage completes once the node is back, and the message is there.
     """
+    rabbit_node = own_node
     settings = Settings(url=rabbit_node.url, exchange=unique, default_queue=unique, publish_timeout=1.5)
     transport = RabbitMQTransport(settings, queues=[unique])
     patient = RabbitMQTransport(settings.merged(publish_timeout=60.0), queues=[unique])
     try:
+        await patient.publish([message(unique)])
         await transport.publish([message(unique)])
-        await patient.connect()
         await asyncio.to_thread(rabbit_node.stop)
         started = time.monotonic()
         with pytest.raises(PublishError, match="not confirmed within"):
@@ -344,7 +356,26 @@ async def test_publish_across_a_broker_outage(rabbit_node, unique):
         finally:
             await connection.close()
     finally:
-        if not rabbit_node.running:
-            await asyncio.to_thread(rabbit_node.start)
         await transport.close()
         await patient.close()
+
+
+async def test_nacked_message_is_retried_then_reported(amqp_url, admin, unique):
+    """A message the broker nacks (a full reject-publish queue) is retried until the publish timeout, then
+    PublishError names the nack; it never counts as published.
+    """
+    settings = Settings(url=amqp_url, exchange=unique, default_queue=unique, publish_timeout=1.0)
+    transport = RabbitMQTransport(settings, queues=[unique])
+    try:
+        await transport.connect()
+        channel = await admin.channel()
+        full = await channel.declare_queue(
+            unique + ".other", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await full.bind(unique, unique + ".other")
+        started = time.monotonic()
+        with pytest.raises(PublishError, match=r"not confirmed within 1 s.*Nack"):
+            await transport.publish([message(unique + ".other")])
+        assert 0.9 < time.monotonic() - started < 3
+    finally:
+        await transport.close()

@@ -392,11 +392,15 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
-#: Failures that publishing again would not cure: nacked or returned (unroutable) by the broker, or a header
-#: value AMQP cannot encode.
-_PERMANENT: tuple[type[BaseException], ...] = (aiormq.exceptions.DeliveryError, TypeError)
-_PUBLISH_FAILURES = _PERMANENT + _TRANSIENT
+#: Failures that publishing again would not cure: returned by the broker (unroutable: aiormq's PublishError),
+#: or a header value AMQP cannot encode. A broker *nack* (DeliveryError) is retried until the publish timeout:
+#: without a max-length it means a transient condition, e.g. a quorum queue without a leader yet after a restart.
+_PERMANENT: tuple[type[BaseException], ...] = (aiormq.exceptions.PublishError, TypeError)
+_PUBLISH_FAILURES: tuple[type[BaseException], ...] = (*_PERMANENT, aiormq.exceptions.DeliveryError, *_TRANSIENT)
 _CONNECT_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, TimeoutError)
+#: Failures while connecting and declaring that a retry may cure (aio-pika raises RuntimeError for a channel
+#: requested while the robust connection is reconnecting).
+_SETUP_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, RuntimeError)
 
 
 class _CredentialsRefusedError(ConnectionRefusedError):
@@ -468,9 +472,10 @@ class RabbitMQTransport:
                         await self.declare_topology(self.queues)
                 except (_CredentialsRefusedError, _UnreachableError):
                     raise
-                except _TRANSIENT as exc:
-                    # A node that is still starting answers INTERNAL_ERROR to quorum declarations, or drops
-                    # the connection: the robust connection reconnects; declare again until the deadline.
+                except _SETUP_FAILURES as exc:
+                    # A node that is still starting answers INTERNAL_ERROR to quorum declarations and drops
+                    # the connection; while the robust connection reconnects, aio-pika raises RuntimeError
+                    # ("... closed") for a new channel. Declare again until the deadline.
                     if self._closed or time.monotonic() >= deadline:
                         msg = f"cannot set up RabbitMQ at {mask_url(self._url)}: {_describe(exc, self._url)}"
                         raise ConnectionError(msg) from _safe_cause(exc, self._url)
@@ -617,7 +622,9 @@ class RabbitMQTransport:
         try:
             async with asyncio.timeout(timeout):
                 await self._prepare(delay_spec, last_error)
-                await self._publish_confirmed(exchange, messages, delay_spec.name if delay_spec else None)
+                await self._publish_confirmed(
+                    exchange, messages, delay_spec.name if delay_spec else None, last_error
+                )
         except TimeoutError:
             names = ", ".join(sorted({m.queue for m in messages}))
             state = "" if self.is_connected else f" (no connection to {mask_url(self._url)})"
@@ -644,7 +651,7 @@ class RabbitMQTransport:
                     await self._ensure_delay_queue(delay_spec)
             except _CredentialsRefusedError:
                 raise
-            except _TRANSIENT as exc:
+            except _SETUP_FAILURES as exc:
                 if self._closed:
                     raise
                 errors[:] = [exc]
@@ -662,7 +669,11 @@ class RabbitMQTransport:
         self._delay_declared[spec.name] = now
 
     async def _publish_confirmed(
-        self, exchange: str, messages: Sequence[OutgoingMessage], routing_key: str | None
+        self,
+        exchange: str,
+        messages: Sequence[OutgoingMessage],
+        routing_key: str | None,
+        errors: list[BaseException],
     ) -> None:
         pending: Sequence[OutgoingMessage] = messages
         while True:
@@ -695,11 +706,12 @@ class RabbitMQTransport:
                     failed.append((message, error))
                 else:
                     again.append(message)
+                    errors[:] = [error]
             if failed:
                 raise self._publish_error(failed, exchange, routing_key)
             if not again:
                 return
-            log.debug("%d publish(es) interrupted by a connection failure, retrying", len(again))
+            log.debug("%d publish(es) nacked or cut by a connection failure, retrying", len(again))
             pending = again
             await asyncio.sleep(_RETRY_PAUSE)
 
@@ -714,7 +726,7 @@ class RabbitMQTransport:
             if not routing_key:
                 reason += " (declare it: start the worker, or run `queueable topology declare APP`)"
         else:
-            reason = f"the broker refused it ({_describe(error, self._url)})"
+            reason = f"it cannot be encoded ({_describe(error, self._url)})"
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         msg = f"message {message.message_id} for {key!r} not published: {reason}{more}"
         exc = PublishError(msg, message_ids=[m.message_id for m, _ in failed])
