@@ -75,18 +75,23 @@ async def _suite(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[Row] = []
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    bench = await Bench.start(args.url, names, sizes)
     try:
-        for name in chosen:
-            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            begin = time.perf_counter()
-            rows.extend(await SCENARIOS[name](bench))
-            timings[name] = round(time.perf_counter() - begin, 1)
-            print(f"[bench] {name}: {timings[name]} s", file=sys.stderr, flush=True)
-        server = bench.server_version()
+        bench = await Bench.start(args.url, names, sizes)
+        try:
+            for name in chosen:
+                print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+                begin = time.perf_counter()
+                rows.extend(await SCENARIOS[name](bench))
+                timings[name] = round(time.perf_counter() - begin, 1)
+                print(f"[bench] {name}: {timings[name]} s", file=sys.stderr, flush=True)
+            server = bench.server_version()
+        finally:
+            await bench.close()
     finally:
-        await bench.close()
-        await cleanup(args.url, names)
+        try:
+            await cleanup(args.url, names)
+        except Exception as exc:  # the broker is gone: say what may be left behind, keep the first error
+            print(f"[bench] could not delete the {names.prefix}.* queues: {exc}", file=sys.stderr)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["bench/run.py", *sys.argv[1:]]),
