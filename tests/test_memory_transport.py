@@ -278,3 +278,17 @@ async def test_message_body_is_the_event_json(app: App):
         await app.dispatch(COMMENT)
         message = transport.queues["queueable"][0]
     assert json.loads(message.body) == {"post_id": 7, "author": "ann", "text": "first!"}
+
+
+async def test_copies_drop_the_broker_s_own_headers(app: App):
+    """Retry copies and dead letters are new messages: x-death and x-delivery-count are not carried over."""
+    broker_said = {"x-death": [{"reason": "expired", "count": 3}], "x-delivery-count": 2}
+    async with TestTransport(app) as transport:
+        await transport.publish([_raw(body=b"not json", **broker_said)])
+        await transport.publish([_raw(**{"x-queueable-listener": "mailer:always_fails"}, **broker_said)])
+        processed = await transport.run_until_idle()
+    for record in processed:
+        copy = record.outcome.message  # type: ignore[union-attr]
+        assert "x-death" not in copy.headers
+        assert "x-delivery-count" not in copy.headers
+        assert record.message.headers["x-delivery-count"] == 2

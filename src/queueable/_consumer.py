@@ -192,9 +192,7 @@ class Processor:
             raise _BadInput(DeadReason.SCHEMA, _bounded(msg, MAX_ERROR_MESSAGE)) from None
         return entry, event
 
-    def _event_class(
-        self, candidates: tuple[Listener, ...], name: str | None
-    ) -> tuple[Listener, type[BaseModel]]:
+    def _event_class(self, candidates: tuple[Listener, ...], name: str | None) -> tuple[Listener, type[BaseModel]]:
         for entry in candidates:
             if name is None:
                 # A producer that sent only the listener header: the listener's own (concrete) type.
@@ -223,7 +221,7 @@ class Processor:
         if delay is None:
             delay = entry.retry.delay_for(attempt)
         now = _wire.iso_now(self.clock())
-        headers = dict(message.headers)
+        headers = _own_headers(message.headers)
         headers[_wire.H_ATTEMPT] = attempt + 1
         headers.setdefault(_wire.H_FIRST_FAILURE, now)
         headers[_wire.H_LAST_FAILURE] = now
@@ -240,7 +238,7 @@ class Processor:
         exc: BaseException | None,
     ) -> DeadLetter:
         now = _wire.iso_now(self.clock())
-        headers = dict(message.headers)
+        headers = _own_headers(message.headers)
         headers.setdefault(_wire.H_FIRST_FAILURE, now)
         headers.update(
             {
@@ -260,6 +258,26 @@ class Processor:
             headers[_wire.H_ERROR_TRACEBACK] = _bounded(formatted, MAX_TRACEBACK, keep="end")
         out = message.to_outgoing(dead_letter_queue_for(message.queue), headers)
         return DeadLetter(reason, out, error)
+
+
+#: Headers the broker adds on its own (dead-lettering history, quorum delivery counts). A copy the worker
+#: publishes is a new message: carrying them over would make it look broker-dead-lettered, or count twice.
+_BROKER_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+
+def _own_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in headers.items() if k not in _BROKER_HEADERS}
 
 
 def _text(value: Any) -> str | None:
@@ -320,7 +338,7 @@ def replay_message(dead: _wire.IncomingMessage) -> _wire.OutgoingMessage:
     """The copy of a dead letter that goes back to its work queue: attempt 1, failure headers gone,
     ``x-queueable-replays`` incremented. Same body, message id and correlation id.
     """
-    headers = {k: v for k, v in dead.headers.items() if k not in _FAILURE_HEADERS and k != "x-death"}
+    headers = {k: v for k, v in _own_headers(dead.headers).items() if k not in _FAILURE_HEADERS}
     headers[_wire.H_ATTEMPT] = 1
     headers[_wire.H_REPLAYS] = _int(dead.header(_wire.H_REPLAYS), default=0) + 1
     return dead.to_outgoing(original_queue_of(dead), headers)
