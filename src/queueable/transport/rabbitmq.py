@@ -98,6 +98,7 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 import aiormq
 import aiormq.exceptions
+from pamqp import encode
 from pamqp.commands import Basic
 
 from queueable._consumer import DeadReason, dead_letter_queue_for
@@ -282,8 +283,57 @@ def _amqp_value(value: Any) -> Any:  # noqa: PLR0911 - one return per AMQP type 
     return str(value)
 
 
+#: Encoded header entries (key and value, as pamqp writes them) by (key, value type, value): every message of a
+#: listener repeats the same wire version, listener, event, version and attempt. Cleared when full.
+_HEADER_ENTRIES: dict[tuple[str, type, object], bytes] = {}
+_HEADER_ENTRIES_MAX = 4096
+
+
+def _field_table(headers: Mapping[str, Any]) -> bytes:
+    """pamqp's ``encode.field_table(headers)``, byte for byte, with string and int entries cached."""
+    entries = _HEADER_ENTRIES
+    parts = []
+    for key, value in sorted(headers.items()):  # pamqp sorts the keys too
+        kind = type(value)
+        if kind is str or kind is int:
+            piece = entries.get((key, kind, value))
+            if piece is None:
+                piece = encode.field_table({key: value})[4:]  # pamqp's own encoding, without the length
+                if len(entries) >= _HEADER_ENTRIES_MAX:
+                    entries.clear()
+                entries[key, kind, value] = piece
+        else:
+            piece = encode.field_table({key: value})[4:]
+        parts.append(piece)
+    table = b"".join(parts)
+    return len(table).to_bytes(4, "big") + table
+
+
+class _Properties(Basic.Properties):
+    """``Basic.Properties`` whose ``marshal()`` writes the same bytes about 5x faster (2 µs instead of 12 µs
+    for queueable's six headers): the header table through :func:`_field_table`, the rest as pamqp does it.
+    That was 5 % of the client CPU of a dispatch (bench/: paired CPU ratio 0.95, wall 0.95).
+
+    No ``__slots__`` of its own: pamqp's ``len()``, ``in`` and iteration read ``self.__slots__``, which must stay
+    the parent's list (an empty one would make the object falsy, and ``properties or default`` drop it).
+    """
+
+    def marshal(self) -> bytes:
+        flags = 0
+        parts = []
+        for name in Basic.Properties.__slots__:
+            value = getattr(self, name)
+            if value is not None and value != "":
+                flags |= self.flags[name]
+                if name == "headers":
+                    parts.append(_field_table(value))
+                else:
+                    parts.append(self.encode_property(name, value))
+        return (flags & 0xFFFE).to_bytes(2, "big") + b"".join(parts)  # all 14 flags fit in one 16-bit word
+
+
 def _properties(message: OutgoingMessage) -> Basic.Properties:
-    return Basic.Properties(
+    return _Properties(
         content_type=message.content_type,
         delivery_mode=2,
         headers=amqp_headers(message.headers),
