@@ -48,8 +48,10 @@ async def fixture_admin(amqp_url: str, unique: str) -> AsyncIterator[aio_pika.ab
 
 
 @pytest.fixture(name="transport")
-async def fixture_transport(settings: Settings, unique: str) -> AsyncIterator[RabbitMQTransport]:
-    """A transport for this test's queue, closed afterwards."""
+async def fixture_transport(
+    settings: Settings, unique: str, admin: aio_pika.abc.AbstractConnection
+) -> AsyncIterator[RabbitMQTransport]:
+    """A transport for this test's queue, closed afterwards (``admin`` then deletes what it declared)."""
     transport = RabbitMQTransport(settings, queues=[unique])
     yield transport
     await transport.close()
