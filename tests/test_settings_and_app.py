@@ -180,3 +180,15 @@ def test_error_hierarchy():
         assert issubclass(getattr(errors, name), errors.QueueableError)
     with pytest.raises(ValueError, match=">= 0"):
         errors.Retry(delay=-1)
+
+
+def test_public_submodules_export_what_they_document():
+    """The documented entry points of the optional features import from public modules."""
+    from queueable import asgi, deadletters, outbox, sync, testing  # noqa: PLC0415
+
+    assert deadletters.DeadLetterAdmin.__module__ == "queueable._deadletters"
+    assert {"DeadFilter", "DeadLetterAdmin", "parse_since"} <= set(deadletters.__all__)
+    assert hasattr(asgi, "DeferredDispatchMiddleware")
+    assert hasattr(sync, "SyncDispatcher")
+    assert hasattr(outbox, "Outbox")
+    assert {"TestTransport", "ManualClock", "MemoryTransport"} <= set(testing.__all__)
