@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 import sqlalchemy as sa
 
-from _outbox_db import count, db_url, drain_ids, pg_engine, unique_table
+from _outbox_db import count, db_url, drain, id_report, pg_engine, stored_ids, unique_table
 from apps.recorder import Job
 from queueable.outbox import Outbox
 
@@ -108,12 +108,15 @@ def start_relay(world: World, relays: list[RelayProcess], url: str, table: sa.Ta
 
 
 async def fill(engine: sa.Engine, table: sa.Table, app: App, n: int) -> list[str]:
-    """Commit ``n`` Job events into the outbox in one transaction; their message ids."""
+    """Commit ``n`` Job events into the outbox in one transaction; their message ids, checked against the table."""
     outbox = Outbox(app, table=table)
     with engine.connect() as conn, conn.begin(), outbox.bind(conn) as scope:
         for i in range(n):
             await app.dispatch(Job(id=f"job-{i}"))
-        return [m.message_id for m in scope.messages]
+        ids = [m.message_id for m in scope.messages]
+    stored = stored_ids(engine, table)
+    assert stored == sorted(ids), f"the outbox holds {len(stored)} rows, not the {len(ids)} messages fill() built"
+    return ids
 
 
 async def test_a_relay_killed_mid_batch_loses_nothing(
@@ -147,9 +150,12 @@ async def test_a_relay_killed_mid_batch_loses_nothing(
     assert second.proc.wait(timeout=10) == 0, second.output()
     assert second.relayed() >= stranded
 
-    published = await drain_ids(world.url, world.queue, expected=len(ids))
-    assert set(published) == set(ids)  # nothing lost; a message of the killed batch may appear twice
-    assert len(published) - len(ids) <= 300
+    drained = await drain(world.url, world.queue, expected=len(ids))
+    published = [message.message_id for message in drained]
+    # Nothing lost and nothing foreign; only a message of the killed batch may appear twice.
+    assert set(published) == set(ids), id_report(drained, ids)
+    assert len(published) - len(ids) <= 300, id_report(drained, ids)
+    assert max(collections.Counter(published).values()) <= 2, id_report(drained, ids)
 
 
 async def test_two_relays_at_once_publish_every_row_once(
@@ -169,9 +175,10 @@ async def test_two_relays_at_once_publish_every_row_once(
         relay.proc.send_signal(signal.SIGTERM)
     codes = [relay.proc.wait(timeout=10) for relay in both]
 
-    published = await drain_ids(world.url, world.queue, expected=len(ids))
+    drained = await drain(world.url, world.queue, expected=len(ids))
+    published = [message.message_id for message in drained]
     duplicates = [k for k, n in collections.Counter(published).items() if n > 1]
-    assert duplicates == []
-    assert sorted(published) == sorted(ids)
+    assert duplicates == [], id_report(drained, ids)
+    assert sorted(published) == sorted(ids), id_report(drained, ids)
     assert codes == [0, 0]
     assert all(relay.relayed() > 0 for relay in both), [relay.relayed() for relay in both]
