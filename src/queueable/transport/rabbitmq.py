@@ -81,6 +81,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -98,13 +99,18 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import aiormq
+import aiormq.channel
 import aiormq.exceptions
+import pamqp.frame
+from aiormq.abc import ChannelFrame
 from pamqp import encode
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 from queueable._consumer import DeadReason, dead_letter_queue_for
 from queueable._settings import mask_url
-from queueable._wire import H_DEAD_REASON, IncomingMessage, OutgoingMessage
+from queueable._wire import H_DEAD_REASON, IncomingMessage, OutgoingMessage, new_message_id
 from queueable.errors import ConfigurationError, PublishError, TransportClosedError
 
 if TYPE_CHECKING:
@@ -817,17 +823,7 @@ class RabbitMQTransport:
                 underlay = await self._fresh_underlay()
                 if underlay is None:
                     continue
-            if len(pending) == 1:
-                message = pending[0]
-                results: list[BaseException | None] = [
-                    await _publish_one(underlay, exchange, routing_key or message.queue, message)
-                ]
-            else:
-                results = list(
-                    await asyncio.gather(
-                        *(_publish_one(underlay, exchange, routing_key or m.queue, m) for m in pending)
-                    )
-                )
+            results = await _publish_batch(underlay, exchange, routing_key, pending)
             again: list[OutgoingMessage] = []
             failed: list[tuple[OutgoingMessage, BaseException]] = []
             for message, error in zip(pending, results, strict=True):
@@ -1043,29 +1039,132 @@ class AckCoalescer:
                 tracked[straggler] = _SETTLED
 
 
-async def _publish_one(
-    channel: aiormq.Channel, exchange: str, routing_key: str, message: OutgoingMessage
-) -> BaseException | None:
-    """Publish and wait for the confirm; the failure, if any, is returned (never raised) so that the caller
-    can tell permanent refusals from connection losses. Cancellation of the caller still propagates.
-    """
-    try:
-        await channel.basic_publish(
-            message.body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=_properties(message),
-            mandatory=True,
-            # Do not hold the channel lock until the socket drained this frame: concurrent publishes then
-            # share writes. Safe because success is the broker's confirm, never the write.
-            wait=False,
+#: Marshalled Basic.Publish method frames by (channel number, exchange, routing key): the same few repeat.
+_PUBLISH_FRAMES: dict[tuple[int, str, str], bytes] = {}
+_PUBLISH_FRAMES_MAX = 1024
+
+
+def _publish_frame(number: int, exchange: str, routing_key: str) -> bytes:
+    key = (number, exchange, routing_key)
+    frame = _PUBLISH_FRAMES.get(key)
+    if frame is None:
+        frame = pamqp.frame.marshal(
+            Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True), number
         )
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if len(_PUBLISH_FRAMES) >= _PUBLISH_FRAMES_MAX:
+            _PUBLISH_FRAMES.clear()
+        _PUBLISH_FRAMES[key] = frame
+    return frame
+
+
+def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]
+
+
+async def _publish_batch(
+    channel: aiormq.Channel, exchange: str, routing_key: str | None, messages: Sequence[OutgoingMessage]
+) -> list[BaseException | None]:
+    """Publish ``messages`` (mandatory, on a channel in confirm mode) in one write and wait for every confirm.
+
+    What ``aiormq.Channel.basic_publish(..., mandatory=True, wait=False)`` does for one message, for a batch:
+    the frames of every message are marshalled before taking the channel lock, then, under the lock, each gets
+    its delivery tag and confirmation future (registered by message id, so that a ``basic.return`` fails
+    it with ``aiormq.exceptions.PublishError``), and all the frames go to the connection's writer as one
+    payload. No task per message, one lock acquisition, one socket write.
+
+    Returns one entry per message: ``None`` when confirmed, else the failure, never raised, so that the caller
+    can tell permanent refusals from connection losses. A message whose properties cannot be encoded fails
+    alone, with ``TypeError``. Cancellation of the caller still propagates (and drops the remaining confirms).
+    """
+    results: list[BaseException | None] = [None] * len(messages)
+    prepared = _marshal_batch(channel, exchange, routing_key, messages, results)
+    if not prepared:
+        return results
+    try:
+        waiting = await _send_batch(channel, prepared)
+    except _PUBLISH_FAILURES as exc:  # the channel closed (before or while taking the lock)
+        for index, _, _ in prepared:
+            results[index] = exc
+        return results
+    for position, (index, confirmation) in enumerate(waiting):
+        try:
+            await confirmation
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                for _, later in waiting[position + 1 :]:
+                    later.cancel()
+                raise
+            # aiormq cancels pending confirms when the connection drops: a connection failure, not ours.
+            results[index] = ConnectionError("connection lost before the broker confirmed the message")
+        except _PUBLISH_FAILURES as exc:
+            results[index] = exc
+    return results
+
+
+def _marshal_batch(
+    channel: aiormq.Channel,
+    exchange: str,
+    routing_key: str | None,
+    messages: Sequence[OutgoingMessage],
+    results: list[BaseException | None],
+) -> list[tuple[int, str, bytes]]:
+    """(index, message id, frames) of each message that encodes; the others get their ``TypeError`` in
+    ``results``.
+    """
+    number = channel.number
+    max_size = channel.max_content_size
+    prepared: list[tuple[int, str, bytes]] = []
+    for index, message in enumerate(messages):
+        key = routing_key or message.queue
+        aiormq.channel._check_routing_key(key)  # noqa: SLF001 - the ValueError basic_publish raises
+        properties = _properties(message)
+        if not properties.message_id:
+            properties.message_id = new_message_id()  # as basic_publish: returns are matched by message id
+        body = message.body
+        try:
+            parts = [
+                _publish_frame(number, exchange, key),
+                pamqp.frame.marshal(ContentHeader(0, len(body), properties), number),
+            ]
+        except TypeError as exc:
+            results[index] = exc
+            continue
+        parts.extend(
+            pamqp.frame.marshal(ContentBody(body[at : at + max_size]), number)
+            for at in range(0, len(body), max_size)
+        )
+        prepared.append((index, properties.message_id, b"".join(parts)))
+    return prepared
+
+
+async def _send_batch(
+    channel: aiormq.Channel, prepared: list[tuple[int, str, bytes]]
+) -> list[tuple[int, asyncio.Future[Any]]]:
+    """Register a confirmation per message and hand all the frames to the writer, under the channel lock."""
+    waiting: list[tuple[int, asyncio.Future[Any]]] = []
+    async with channel.lock:
+        first = channel.delivery_tag
+        for index, message_id, _ in prepared:
+            channel.delivery_tag += 1
+            confirmation = channel.create_future()
+            channel.confirmations[channel.delivery_tag] = confirmation
+            channel.message_id_delivery_tag[message_id] = channel.delivery_tag
+            waiting.append((index, confirmation))
+        try:
+            payload = b"".join(frames for _, _, frames in prepared)
+            await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+        except BaseException:
+            # The broker has not seen these publishes: give their sequence numbers back (lock still held).
+            for tag, (_, message_id, _) in enumerate(prepared, first + 1):
+                channel.confirmations.pop(tag, None)
+                if channel.message_id_delivery_tag.get(message_id) == tag:
+                    del channel.message_id_delivery_tag[message_id]
+            channel.delivery_tag = first
+            for _, confirmation in waiting:
+                confirmation.cancel()
             raise
-        # aiormq cancels pending confirms when the connection drops: a connection failure, not ours.
-        return ConnectionError("connection lost before the broker confirmed the message")
-    except _PUBLISH_FAILURES as exc:
-        return exc
-    return None
+    for tag, ((_, message_id, _), (_, confirmation)) in enumerate(zip(prepared, waiting, strict=True), first + 1):
+        confirmation.add_done_callback(functools.partial(_forget_message_id, channel, message_id, tag))
+    return waiting
