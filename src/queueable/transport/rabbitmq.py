@@ -104,7 +104,6 @@ import aiormq.exceptions
 import pamqp.frame
 from aiormq.abc import ChannelFrame
 from pamqp import encode
-from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
@@ -372,6 +371,57 @@ def _properties(message: OutgoingMessage) -> Basic.Properties:
         timestamp=datetime.fromtimestamp(message.timestamp, UTC),
         message_type=message.type,
     )
+
+
+_FRAME_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
+_HEADER_PREFIX = struct.Struct(">HxxQH")  # class id (Basic), weight 0, body size, property flags
+_FRAME_END = b"\xce"
+_FLAGS_FIXED = 0x2000 | 0x1000 | 0x0080 | 0x0040  # headers, delivery_mode, message_id, timestamp
+_DELIVERY_PERSISTENT = b"\x02"
+
+
+def _short(value: str) -> bytes | None:
+    data = value.encode()
+    return _BYTE[len(data)] + data if len(data) <= 255 else None  # noqa: PLR2004 - AMQP short string limit
+
+
+def _header_frame(message: OutgoingMessage, message_id: str, number: int, body_size: int) -> bytes:
+    """The content header frame of ``message`` on channel ``number``: exactly
+    ``pamqp.frame.marshal(ContentHeader(0, body_size, _properties(message)), number)`` (with ``message_id``),
+    written straight from the message, without the properties object, ``datetime`` or pamqp's generic encoder.
+    Anything unusual (a string over 255 bytes, a timestamp before 1970 or a hair below a full second) goes
+    through that pamqp path, which also raises the same ``TypeError`` for what cannot be encoded.
+    """
+    timestamp = message.timestamp
+    second = int(timestamp) if timestamp >= 0 else -1
+    content_type, correlation_id, kind = message.content_type, message.correlation_id, message.type
+    parts = [b"", _field_table(amqp_headers(message.headers)), _DELIVERY_PERSISTENT]
+    flags = _FLAGS_FIXED
+    ok = second >= 0 and timestamp - second < 0.9999995  # noqa: PLR2004 - datetime would round up to +1 s
+    if ok and content_type is not None and content_type != "":
+        flags |= 0x8000
+        piece = _short(content_type) if type(content_type) is str else None
+        parts[0] = piece or b""
+        ok = piece is not None
+    if ok and correlation_id is not None and correlation_id != "":
+        flags |= 0x0400
+        piece = _short(correlation_id) if type(correlation_id) is str else None
+        parts.append(piece or b"")
+        ok = piece is not None
+    piece = _short(message_id) if type(message_id) is str else None
+    ok = ok and piece is not None
+    parts += (piece or b"", _TIMESTAMP_STRUCT.pack(second if ok else 0))
+    if ok and kind is not None and kind != "":
+        flags |= 0x0020
+        piece = _short(kind) if type(kind) is str else None
+        parts.append(piece or b"")
+        ok = piece is not None
+    if not ok:
+        properties = _properties(message)
+        properties.message_id = message_id
+        return pamqp.frame.marshal(ContentHeader(0, body_size, properties), number)
+    payload = _HEADER_PREFIX.pack(60, body_size, flags) + b"".join(parts)
+    return _FRAME_HEAD.pack(2, number, len(payload)) + payload + _FRAME_END
 
 
 def to_incoming(message: AbstractIncomingMessage, queue: str) -> IncomingMessage:
@@ -1119,23 +1169,18 @@ def _marshal_batch(
     for index, message in enumerate(messages):
         key = routing_key or message.queue
         aiormq.channel._check_routing_key(key)  # noqa: SLF001 - the ValueError basic_publish raises
-        properties = _properties(message)
-        if not properties.message_id:
-            properties.message_id = new_message_id()  # as basic_publish: returns are matched by message id
+        # As basic_publish: a message needs an id, since a basic.return is matched to its publish by it.
+        message_id = message.message_id or new_message_id()
         body = message.body
         try:
-            parts = [
-                _publish_frame(number, exchange, key),
-                pamqp.frame.marshal(ContentHeader(0, len(body), properties), number),
-            ]
+            parts = [_publish_frame(number, exchange, key), _header_frame(message, message_id, number, len(body))]
         except TypeError as exc:
             results[index] = exc
             continue
-        parts.extend(
-            pamqp.frame.marshal(ContentBody(body[at : at + max_size]), number)
-            for at in range(0, len(body), max_size)
-        )
-        prepared.append((index, properties.message_id, b"".join(parts)))
+        for at in range(0, len(body), max_size):
+            chunk = body[at : at + max_size]
+            parts += (_FRAME_HEAD.pack(3, number, len(chunk)), chunk, _FRAME_END)
+        prepared.append((index, message_id, b"".join(parts)))
     return prepared
 
 
