@@ -121,6 +121,7 @@ if TYPE_CHECKING:
         AbstractRobustConnection,
         AbstractRobustQueue,
     )
+    from aiormq.abc import DeliveredMessage
 
     from queueable._settings import Settings
 
@@ -134,6 +135,7 @@ __all__ = [
     "delay_bucket_ms",
     "delay_queue_for",
     "delay_queue_spec",
+    "delivered_to_incoming",
     "scrub",
     "ssl_context",
     "to_incoming",
@@ -422,6 +424,27 @@ def _header_frame(message: OutgoingMessage, message_id: str, number: int, body_s
         return pamqp.frame.marshal(ContentHeader(0, body_size, properties), number)
     payload = _HEADER_PREFIX.pack(60, body_size, flags) + b"".join(parts)
     return _FRAME_HEAD.pack(2, number, len(payload)) + payload + _FRAME_END
+
+
+def delivered_to_incoming(message: DeliveredMessage, queue: str) -> IncomingMessage:
+    """An aiormq delivery as :class:`~queueable.IncomingMessage`, straight from pamqp's decoded properties."""
+    properties = message.header.properties
+    stamp = properties.timestamp
+    if stamp is not None and stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)  # AMQP timestamps are seconds since the epoch, UTC
+    headers = properties.headers
+    return IncomingMessage(
+        queue=queue,
+        body=message.body,
+        headers=headers if type(headers) is dict else dict(headers or {}),
+        message_id=properties.message_id,
+        correlation_id=properties.correlation_id,
+        timestamp=stamp.timestamp() if stamp is not None else None,
+        content_type=properties.content_type,
+        content_encoding=properties.content_encoding,
+        type=properties.message_type,
+        redelivered=bool(message.delivery.redelivered),  # type: ignore[union-attr]
+    )
 
 
 def to_incoming(message: AbstractIncomingMessage, queue: str) -> IncomingMessage:
@@ -949,7 +972,9 @@ class RabbitMQTransport:
             queue = await channel.declare_queue(name, durable=True, arguments=specs[name].arguments)
             await queue.bind(exchange, name)
             tag = f"queueable.{host}.{os.getpid()}.{next(self._tags)}.{name}"
-            await queue.consume(_consumer_callback(name, deliver, self._track), consumer_tag=tag)
+            consumer = _Consumer(name, tag, deliver, self._track)
+            await queue.consume(consumer.on_message, consumer_tag=tag)
+            consumer.install(await channel.get_underlay_channel())
             self._consumers.append((queue, tag))
 
     async def stop_consuming(self) -> None:
@@ -976,28 +1001,33 @@ class RabbitMQTransport:
         except aiormq.exceptions.ChannelInvalidStateError:
             return False
 
-    async def ack(self, token: AbstractIncomingMessage) -> None:
-        """Acknowledge the delivery ``token`` (coalesced with others into one ``multiple`` ack when exact)."""
+    async def ack(self, token: _Token) -> None:
+        """Acknowledge the delivery ``token`` (coalesced with others into one ``multiple`` ack when exact).
+
+        Only ever on the channel that delivered it (delivery tags are per channel): if that channel is closed,
+        this raises and the broker redelivers the message.
+        """
+        channel = token.channel  # aio-pika's message raises here if its channel is closed; aiormq's on the ack
         acks = self._acks
-        if acks is not None and acks.channel is token.channel:  # .channel raises if the channel is closed
+        if acks is not None and acks.channel is channel:
             await acks.ack(token.delivery_tag)  # type: ignore[arg-type]
         else:
-            await token.ack()
+            await channel.basic_ack(token.delivery_tag)  # type: ignore[arg-type]
 
-    async def nack(self, token: AbstractIncomingMessage, *, requeue: bool = True) -> None:
-        """Negatively acknowledge the delivery ``token`` (requeued by default)."""
+    async def nack(self, token: _Token, *, requeue: bool = True) -> None:
+        """Negatively acknowledge the delivery ``token`` (requeued by default), on the channel it came from."""
+        channel = token.channel
         acks = self._acks
-        if acks is not None and acks.channel is token.channel:
+        if acks is not None and acks.channel is channel:
             await acks.nack(token.delivery_tag, requeue=requeue)  # type: ignore[arg-type]
         else:
-            await token.nack(requeue=requeue)
+            await channel.basic_nack(token.delivery_tag, requeue=requeue)  # type: ignore[arg-type]
 
-    def _track(self, message: AbstractIncomingMessage) -> None:
-        channel = message.channel
+    def _track(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
         acks = self._acks
         if acks is None or acks.channel is not channel:
             acks = self._acks = AckCoalescer(channel)  # a new channel after a reconnect: tags restart at 1
-        acks.track(message.delivery_tag)  # type: ignore[arg-type]
+        acks.track(tag)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("connected" if self.is_connected else "idle")
@@ -1007,14 +1037,54 @@ class RabbitMQTransport:
         )
 
 
-def _consumer_callback(
-    queue: str, deliver: Callable[..., None], track: Callable[[AbstractIncomingMessage], None]
-) -> Callable[[AbstractIncomingMessage], Any]:
-    async def on_message(message: AbstractIncomingMessage) -> None:
-        track(message)
-        deliver(to_incoming(message, queue), message)
+#: What the worker gets as a delivery's token: aiormq's delivery (the usual case), or aio-pika's message (the first
+#: delivery after the robust channel restored a consumer). Both have ``.channel`` and ``.delivery_tag``.
+_Token = typing.Union["DeliveredMessage", "AbstractIncomingMessage"]
 
-    return on_message
+
+class _Consumer:
+    """The worker's consumer of one queue.
+
+    It is registered through aio-pika (``Queue.consume``), so the robust channel restores it, re-declaring the
+    exchange, the queue and its binding first, after a reconnect or a broker-side cancel (a deleted queue).
+    aio-pika delivers through its own wrapper: an ``IncomingMessage`` and a task per delivery, on top of the task
+    aiormq makes. :meth:`install` puts :meth:`on_delivered` in that wrapper's place in the aiormq channel's
+    consumer table, so a delivery goes from pamqp's decoded frame straight to :class:`~queueable.IncomingMessage`.
+    After any restore aio-pika's wrapper is back; it still works, and its first delivery installs
+    :meth:`on_delivered` again.
+    """
+
+    __slots__ = ("deliver", "queue", "tag", "track")
+
+    def __init__(
+        self,
+        queue: str,
+        tag: str,
+        deliver: Callable[..., None],
+        track: Callable[[aiormq.abc.AbstractChannel, int], None],
+    ) -> None:
+        self.queue = queue
+        self.tag = tag
+        self.deliver = deliver
+        self.track = track
+
+    def install(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """Deliver through :meth:`on_delivered` on ``channel``, if this consumer is registered there."""
+        consumers = typing.cast("aiormq.Channel", channel).consumers
+        if self.tag in consumers:
+            consumers[self.tag] = self.on_delivered
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """aio-pika's callback: only until :meth:`install` has run on the current channel."""
+        channel = message.channel
+        self.track(channel, message.delivery_tag)  # type: ignore[arg-type]
+        self.deliver(to_incoming(message, self.queue), message)
+        self.install(channel)
+
+    async def on_delivered(self, message: DeliveredMessage) -> None:
+        """aiormq's callback: one delivery, its token is the delivery itself."""
+        self.track(message.channel, message.delivery.delivery_tag)  # type: ignore[union-attr,arg-type]
+        self.deliver(delivered_to_incoming(message, self.queue), message)
 
 
 _PENDING, _SENDING, _ACKED, _SETTLED = range(4)
