@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +13,13 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from queueable import Settings
-from queueable.transport.rabbitmq import RabbitMQTransport, _Consumer, delivered_to_incoming, to_incoming
+from queueable.transport.rabbitmq import (
+    AckCoalescer,
+    RabbitMQTransport,
+    _Consumer,
+    delivered_to_incoming,
+    to_incoming,
+)
 
 
 class FakeChannel:
@@ -146,3 +153,69 @@ async def test_acks_go_to_the_channel_that_delivered(transport):
     assert transport.is_held(token_new)
     await transport.ack(token_new)
     assert new.frames == [("ack", 1)]
+
+
+# -- batched acks ------------------------------------------------------------------------------------
+
+
+def batching(tags: range, *, batch: int = 4, delay: float = 0.001) -> tuple[AckCoalescer, FakeChannel]:
+    channel = FakeChannel()
+    acks = AckCoalescer(channel, batch=batch, delay=delay)  # type: ignore[arg-type]
+    for tag in tags:
+        acks.track(tag)
+    return acks, channel
+
+
+async def test_acks_wait_for_a_full_batch():
+    """While deliveries are in flight, acks are written once ``batch`` of them wait: one frame for all."""
+    acks, channel = batching(range(1, 11), batch=4, delay=60)
+    for tag in range(1, 4):
+        await acks.ack(tag)
+    assert channel.frames == []
+    await acks.ack(4)
+    assert channel.frames == [("ack", 4)]  # FakeChannel records the tag: 4 with multiple, covering 1-4
+
+
+async def test_waiting_acks_are_written_after_the_delay():
+    """An ack short of a batch is written at the latest ``delay`` seconds later."""
+    acks, channel = batching(range(1, 11), batch=100, delay=0.001)
+    await acks.ack(1)
+    await acks.ack(2)
+    assert channel.frames == []
+    await asyncio.sleep(0.02)
+    assert channel.frames == [("ack", 2)]
+
+
+async def test_a_nack_is_written_at_once_and_acks_keep_waiting():
+    """A nack goes out at once (requeueing is not delayed); the acks around it wait for their batch or delay."""
+    acks, channel = batching(range(1, 4), batch=100, delay=60)
+    await acks.ack(1)
+    await acks.nack(2)
+    assert channel.frames == [("nack", 2)]
+    await acks.ack(3)
+    await acks.drain()
+    assert channel.frames == [("nack", 2), ("ack", 3)]  # one multiple ack over 1 and 3, past the nacked 2
+
+
+async def test_drain_writes_waiting_acks():
+    """Closing the transport writes acks that still wait, so a graceful stop does not cause redeliveries."""
+    acks, channel = batching(range(1, 11), batch=100, delay=60)
+    await acks.ack(1)
+    await acks.ack(2)
+    await acks.drain()
+    assert channel.frames == [("ack", 2)]
+    await acks.drain()
+    assert channel.frames == [("ack", 2)]  # nothing twice
+
+
+async def test_delayed_flush_on_a_closed_channel_is_quiet():
+    """A delayed write that fails (its channel closed meanwhile) is dropped: the broker redelivers those."""
+    acks, channel = batching(range(1, 11), batch=100, delay=0.001)
+
+    async def closed(*_: Any, **__: Any) -> None:
+        raise ConnectionError
+
+    channel.basic_ack = closed  # type: ignore[method-assign]
+    await acks.ack(1)
+    await asyncio.sleep(0.02)
+    await acks.drain()  # does not raise

@@ -347,9 +347,12 @@ class FrameRecorder:
         self.frames.append(("nack", tag, multiple))
 
 
+ACK_WAIT = 0.001
+
+
 def coalescer(tags: range) -> tuple[AckCoalescer, FrameRecorder]:
     channel = FrameRecorder()
-    acks = AckCoalescer(channel)  # type: ignore[arg-type]
+    acks = AckCoalescer(channel, batch=64, delay=ACK_WAIT)  # type: ignore[arg-type]
     for tag in tags:
         acks.track(tag)
     return acks, channel
@@ -359,16 +362,19 @@ async def test_acks_finishing_together_become_one_multiple_ack():
     """Handlers finishing in the same loop iteration are acked with one multiple=True frame."""
     acks, channel = coalescer(range(1, 6))
     await asyncio.gather(*(acks.ack(tag) for tag in range(1, 6)))
+    await asyncio.sleep(ACK_WAIT * 5)
     assert channel.frames == [("ack", 5, True)]
 
 
 async def test_ack_behind_a_running_handler_is_sent_alone_at_once():
-    """An ack behind a delivery still in progress is not held back, and no multiple ack covers the running one."""
+    """An ack behind a delivery still in progress waits no longer than the delay; no multiple ack covers tag 1."""
     acks, channel = coalescer(range(1, 4))
     await acks.ack(2)
     await acks.ack(3)
+    await asyncio.sleep(ACK_WAIT * 5)
     assert channel.frames == [("ack", 2, False), ("ack", 3, False)]
     await acks.ack(1)
+    await asyncio.sleep(ACK_WAIT * 5)
     assert channel.frames[-1] == ("ack", 1, False)  # 2 and 3 are already acked: tag 1 alone
 
 
@@ -377,6 +383,7 @@ async def test_nack_is_never_covered_by_a_multiple_ack():
     acks, channel = coalescer(range(1, 5))
     await acks.nack(2)
     await asyncio.gather(acks.ack(1), acks.ack(3), acks.ack(4))
+    await asyncio.sleep(ACK_WAIT * 5)
     assert channel.frames[0] == ("nack", 2, False)
     assert channel.frames[1:] == [("ack", 4, True)]
 
@@ -386,6 +393,7 @@ async def test_gap_in_tags_stops_the_multiple_ack():
     acks, channel = coalescer(range(1, 4))  # tag 4 missing
     acks.track(5)
     await asyncio.gather(acks.ack(1), acks.ack(2), acks.ack(3), acks.ack(5))
+    await asyncio.sleep(ACK_WAIT * 5)
     assert ("ack", 3, True) in channel.frames
     assert ("ack", 5, False) in channel.frames
     assert not any(multiple and tag >= 4 for _, tag, multiple in channel.frames)
@@ -417,6 +425,7 @@ async def test_every_tag_acked_exactly_once_in_random_order():
                 await acks.nack(tag)
 
         await asyncio.gather(*(settle(tag, rng.randint(0, 3)) for tag in order))
+        await acks.drain()
         acked: list[int] = []
         done: set[int] = set()
         for kind, tag, multiple in channel.frames:
@@ -440,4 +449,5 @@ async def test_ack_cancelled_midway_is_still_sent():
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    await asyncio.sleep(ACK_WAIT * 5)
     assert channel.frames == [("ack", 1, False)]

@@ -640,6 +640,7 @@ class RabbitMQTransport:
         self._consume_channel: AbstractRobustChannel | None = None
         self._consumers: list[tuple[AbstractRobustQueue, str]] = []
         self._acks: AckCoalescer | None = None
+        self._ack_batch = 1
         self._connect_lock = asyncio.Lock()
         self._declare_lock = asyncio.Lock()
         self._declared: set[str] = set()  # work queues whose topology this process declared
@@ -729,6 +730,10 @@ class RabbitMQTransport:
     async def close(self) -> None:
         """Close the connection; publishing afterwards raises ``TransportClosedError``. Idempotent."""
         self._closed = True
+        acks, self._acks = self._acks, None
+        if acks is not None:  # acks still waiting to be written go out before the connection closes
+            with contextlib.suppress(Exception):
+                await acks.drain()
         connection, self._connection = self._connection, None
         self._channel = self._consume_channel = None
         self._underlay = None
@@ -961,6 +966,7 @@ class RabbitMQTransport:
         channel = await connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
         self._consume_channel = channel
+        self._ack_batch = max(prefetch // 4, 1)  # a quarter of the prefetch window waits for its ack at most
         host = socket.gethostname()
         specs = {spec.name: spec for spec in topology_for(self.settings, queues)}
         # Declared robustly on the consuming channel, so that the robust connection restores the exchange, the
@@ -1026,7 +1032,8 @@ class RabbitMQTransport:
     def _track(self, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
         acks = self._acks
         if acks is None or acks.channel is not channel:
-            acks = self._acks = AckCoalescer(channel)  # a new channel after a reconnect: tags restart at 1
+            # A new channel after a reconnect: tags restart at 1.
+            acks = self._acks = AckCoalescer(channel, batch=self._ack_batch, delay=ACK_DELAY)
         acks.track(tag)
 
     def __repr__(self) -> str:
@@ -1088,6 +1095,8 @@ class _Consumer:
 
 
 _PENDING, _SENDING, _ACKED, _SETTLED = range(4)
+#: The longest an ack waits to be written with others (see AckCoalescer).
+ACK_DELAY = 0.005
 _MAX_TRACKED = 65_536
 
 
@@ -1096,47 +1105,82 @@ class AckCoalescer:
 
     Delivery tags on a channel are consecutive from 1, and ``multiple=True`` at tag T acks *every* outstanding
     delivery up to T. So a multiple ack is sent only up to the highest T such that every tag from the last
-    flushed one to T is known here and settled: acked, or nacked with the nack already written. An ack behind a
-    delivery that is still being processed is sent on its own at once, never held back (held acks would fill
-    the prefetch window). Acks and nacks are written without waiting for the socket to drain: the broker
-    redelivers anything whose ack a dead connection swallowed.
+    flushed one to T is known here and settled: acked, or nacked with the nack already written.
 
-    With handlers finishing in order, N acks cost one frame instead of N.
+    Acks are written in batches: at once when ``batch`` of them are waiting, else ``delay`` seconds after the
+    first one waiting. An ack behind a delivery that is still being processed is then sent on its own, never
+    held for longer (held acks would fill the prefetch window). A frame costs a system call here and, on a
+    quorum queue, a Raft command on the broker; while a queue drains, one frame covers ``batch`` messages, even
+    when the worker outpaces the broker and goes idle between its bursts of deliveries. The price is that an ack
+    reaches the broker up to ``delay`` later. Acks and nacks are written without waiting for the socket to
+    drain, and an ack marked is an ack sent even if its handler is cancelled right after (:meth:`drain` writes
+    what is waiting before the connection closes): a dead connection swallows only acks of deliveries that the
+    broker then redelivers (at least once).
     """
 
-    __slots__ = ("_next", "_open", "channel")
+    __slots__ = ("_flushes", "_next", "_open", "_ready", "_timer", "batch", "channel", "delay")
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+    def __init__(self, channel: aiormq.abc.AbstractChannel, *, batch: int = 1, delay: float = 0.0) -> None:
         self.channel = channel
+        self.batch = max(batch, 1)
+        self.delay = delay
         self._next = 1  # the lowest tag not yet covered by a flush
         self._open: dict[int, int] = {}  # tag -> state, for tags >= _next
+        self._ready = 0  # acks marked and not yet written
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
 
     def track(self, tag: int) -> None:
         """A delivery with ``tag`` arrived and will be acked or nacked through this object."""
         if len(self._open) >= _MAX_TRACKED:  # a tag that never arrived: stop merging, ack one by one
-            self._open.clear()
+            self._open = {t: state for t, state in self._open.items() if state == _ACKED}  # still to be written
             self._next = 1 << 62
         if tag >= self._next:
             self._open[tag] = _PENDING
 
     async def ack(self, tag: int) -> None:
-        """Ack ``tag``, merged with the acks of other handlers that finish in the same loop iteration."""
+        """Ack ``tag``, batched with the acks of other handlers (see the class docstring)."""
         if self._open.get(tag) != _PENDING:
             await self.channel.basic_ack(tag, wait=False)
             return
         self._open[tag] = _ACKED
-        try:
-            await asyncio.sleep(0)  # let handlers finishing in this iteration mark theirs
-        finally:
-            await self._flush()  # even when cancelled meanwhile: an ack marked is an ack sent
+        self._ready += 1
+        if self._ready >= self.batch:
+            await self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay, self._on_timer)
 
     async def nack(self, tag: int, *, requeue: bool = True) -> None:
-        """Nack ``tag``; its frame is queued before any later multiple ack can cover it."""
+        """Nack ``tag`` at once; its frame is queued before any later multiple ack can cover it."""
         await self.channel.basic_nack(tag, requeue=requeue, wait=False)
-        if tag in self._open:
+        if self._open.get(tag) == _PENDING:
             self._open[tag] = _SETTLED
 
+    async def drain(self) -> None:
+        """Write every ack still waiting (before the connection is closed)."""
+        if self._ready:
+            await self._flush()
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._ready:
+            task = asyncio.get_running_loop().create_task(self._flush_quietly())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except Exception as exc:  # the channel is gone: the broker redelivers what was not acked
+            log.debug("writing acks failed: %s", exc)
+
     async def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._ready = 0
         tracked = self._open
         tag, last, covered = self._next, 0, 0
         while True:
