@@ -18,6 +18,8 @@ from queueable.cli._common import app_argument, cli_errors, configure_logging, r
 from queueable.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from queueable._app import App
     from queueable._settings import Settings
 
@@ -105,6 +107,14 @@ Exit codes: 0 stopped cleanly (signal, --max-messages, --time-limit, --memory-li
     show_default=True,
     help="text for people, json (one object per line) for log collectors.",
 )
+@click.option(
+    "--loop",
+    "loop_name",
+    type=click.Choice(["asyncio", "uvloop"]),
+    default="asyncio",
+    show_default=True,
+    help="Event loop. uvloop (pip install 'queueable[uvloop]') takes less CPU per message.",
+)
 @url_option
 @cli_errors
 def consume(  # noqa: PLR0917 - click passes options by keyword; this is its calling convention
@@ -118,6 +128,7 @@ def consume(  # noqa: PLR0917 - click passes options by keyword; this is its cal
     shutdown_timeout: float,
     log_level: str,
     log_format: str,
+    loop_name: str,
     url: str | None,
 ) -> None:
     """Run the queued listeners of APP (module:attribute, e.g. myproject.events:app).
@@ -147,7 +158,20 @@ def consume(  # noqa: PLR0917 - click passes options by keyword; this is its cal
         memory_limit_mb=memory_limit,
         shutdown_timeout=shutdown_timeout,
     )
-    asyncio.run(_run(loaded, settings, options))
+    with asyncio.Runner(loop_factory=_loop_factory(loop_name)) as runner:
+        runner.run(_run(loaded, settings, options))
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name != "uvloop":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+    except ImportError as exc:
+        msg = f"--loop uvloop: {exc}: pip install 'queueable[uvloop]'"
+        raise ConfigurationError(msg) from exc
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _queues(app: App, requested: tuple[str, ...]) -> tuple[str, ...]:
