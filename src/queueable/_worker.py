@@ -14,8 +14,11 @@ the broker has requeued it already, and publishing its copy would only make a du
 
 Concurrency: the transport pushes deliveries (at most ``prefetch`` unacked) into a local buffer; ``concurrency``
 tasks take them one at a time. Sync listeners run in worker threads (``call_listener``), so the loop keeps
-acking while they run. Nothing is logged per successful message above DEBUG. The RabbitMQ transport merges
-acks of handlers that finish together into one ``multiple`` ack where that is exact (``AckCoalescer``).
+acking while they run. Nothing is logged per successful message above DEBUG. The RabbitMQ transport batches
+acks (``AckCoalescer``): a settled delivery's ack is written when a quarter of the prefetch is waiting or 5 ms
+after the first one waited, as one ``multiple`` ack over a contiguous run of settled tags where that is exact.
+Only durable outcomes are ever acked; the delay only widens what a crash may redeliver (at least once), and
+``close()`` writes every waiting ack first.
 
 A handler must finish well within RabbitMQ's ``consumer_timeout`` (30 min by default, checked about once a
 minute): past it the broker closes the channel and redelivers the message while the handler still runs. Use
