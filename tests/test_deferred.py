@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from pydantic import BaseModel, field_serializer
@@ -18,6 +19,7 @@ from queueable import (
     listener,
 )
 from queueable import _wire as wire
+from queueable._dispatcher import correlation_id
 from queueable.testing import TestTransport
 from tests.fakes import CommentPosted, Mailer, NotAModel, Recorder, RecordingTransport
 
@@ -77,6 +79,37 @@ async def test_a_deferred_message_is_the_message_a_direct_publish_would_send(
         deferred.type,
         deferred.content_type,
     )
+
+
+async def test_a_deferred_message_keeps_its_dispatch_time_identity(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """Id, correlation id and creation time are fixed at dispatch, not when the scope flushes."""
+    async with dispatcher.deferred() as scope:
+        token = correlation_id.set("req-1")
+        before = time.time()
+        await dispatcher.dispatch(COMMENT)
+        after = time.time()
+        correlation_id.reset(token)
+        [shown] = scope.messages
+        assert [m.message_id for m in scope.messages] == [shown.message_id]
+        await asyncio.sleep(0.01)
+
+    [sent] = transport.messages
+    assert (sent.message_id, sent.correlation_id) == (shown.message_id, "req-1")
+    assert before <= sent.timestamp <= after
+    assert sent.headers[wire.H_CREATED] == wire.iso_now(sent.timestamp)
+
+
+async def test_a_listener_added_after_a_dispatch_is_called_by_the_next_one(
+    provider: ListenerProvider, dispatcher: EventDispatcher, recorder: Recorder
+):
+    """The dispatcher's per-event-class shortcut follows changes to the provider."""
+    async with dispatcher.deferred():
+        await dispatcher.dispatch(COMMENT)
+        provider.add_listener_service("mailer", "notify_sync", CommentPosted)
+        await dispatcher.dispatch(COMMENT)
+        assert recorder.names == ["notify_sync"]
 
 
 async def test_in_process_listeners_run_at_dispatch_time_inside_a_scope(

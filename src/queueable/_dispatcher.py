@@ -33,18 +33,48 @@ correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+#: What one dispatch inside a scope buffers, turned into messages only when someone needs them: the event class,
+#: its validated JSON, the queued listeners, the correlation id of the dispatching context (``None``: a fresh one
+#: each) and the dispatch time (the messages' timestamp and created-at header).
+_Pending = tuple[type, bytes, "Sequence[Listener]", "str | None", float]
+
+
 class _Scope:
-    """A buffer of built messages that dispatches in this context append to instead of publishing.
+    """A buffer that dispatches in this context append to instead of publishing.
 
     ``owner`` is the dispatcher whose dispatches it buffers (``None``: any dispatcher, as for an outbox).
+    Dispatches append a compact record to ``pending``; :attr:`messages` builds the messages from it once (so
+    their ids are stable), keeping dispatch-time work to serializing and validating the event.
     """
 
-    __slots__ = ("messages", "owner", "parent")
+    __slots__ = ("built", "owner", "parent", "pending")
 
     def __init__(self, owner: EventDispatcher | None, parent: _Scope | None) -> None:
-        self.messages: list[_wire.OutgoingMessage] = []
+        self.built: list[_wire.OutgoingMessage] = []
+        self.pending: list[_Pending] = []
         self.owner = owner
         self.parent = parent
+
+    @property
+    def messages(self) -> list[_wire.OutgoingMessage]:
+        """The buffered messages, in dispatch order (the scope's own list)."""
+        return self.materialize()
+
+    def materialize(self) -> list[_wire.OutgoingMessage]:
+        """Build the messages of the pending dispatches; return the scope's own list of built messages."""
+        pending = self.pending
+        if pending:
+            built = self.built
+            for cls, body, listeners, corr, now in pending:
+                built.extend(_build(cls, body, listeners, corr, now))
+            pending.clear()
+        return self.built
+
+    def take(self) -> list[_wire.OutgoingMessage]:
+        """The buffered messages, leaving the buffer empty."""
+        messages = self.materialize()
+        self.built = []
+        return messages
 
     def accepts(self, dispatcher: EventDispatcher) -> bool:
         return self.owner is None or self.owner is dispatcher
@@ -52,6 +82,10 @@ class _Scope:
 
 #: The innermost deferral scope of this context (a request, a task): concurrent requests never share one.
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("queueable_deferral", default=None)
+_scope_get = _scope.get
+_scope_set = _scope.set
+_time = time.time
+_correlation_get = correlation_id.get
 
 
 def open_scope(owner: EventDispatcher | None) -> tuple[_Scope, contextvars.Token[_Scope | None]]:
@@ -70,12 +104,14 @@ def close_scope(
     outbox, bound to one database transaction) always delivers its messages itself.
     """
     _scope.reset(token)
-    messages, scope.messages = scope.messages, []
     if not keep:
+        scope.pending = []
+        scope.built = []
         return []
+    messages = scope.take()
     parent = scope.parent
     if parent is not None and scope.owner is not None and parent.accepts(scope.owner):
-        parent.messages.extend(messages)
+        parent.materialize().extend(messages)
         return []
     return messages
 
@@ -98,7 +134,7 @@ def encode_event(event: object) -> bytes:
         msg = f"cannot serialize {cls.__qualname__} to JSON: {exc}"
         raise SerializationError(msg) from exc
     try:
-        cls.model_validate_json(body)
+        cls.__pydantic_validator__.validate_json(body)  # what model_validate_json runs, without its frame
     except ValidationError as exc:
         msg = (
             f"{cls.__qualname__} serialized to JSON that its own model rejects, so a worker could not read "
@@ -114,11 +150,16 @@ def build_messages(
     """One message per queued listener, all sharing the event's body and a correlation id."""
     if body is None:
         body = encode_event(event)
-    cls = type(event)
+    return _build(type(event), body, listeners, _correlation_get(), time.time())
+
+
+def _build(
+    cls: type, body: bytes, listeners: Sequence[Listener], corr: str | None, now: float
+) -> list[_wire.OutgoingMessage]:
     name = event_name(cls)
     version = event_version(cls)
-    corr = correlation_id.get() or _wire.new_message_id()
-    now = time.time()
+    if not corr:
+        corr = _wire.new_message_id()
     created = _wire.iso_now(now)
     return [
         _wire.OutgoingMessage(
@@ -188,6 +229,8 @@ class EventDispatcher:
         self.provider = provider
         self.transport = transport
         self.container = container if container is not None else provider.container
+        # Per event class: the listeners tuple this was worked out for, and whether all are queued (fast path).
+        self._plans: dict[type, tuple[Sequence[Listener], bool]] = {}
 
     async def dispatch(self, event: E, *, defer: bool = False) -> E:
         """Deliver ``event`` to its listeners and return it.
@@ -206,6 +249,26 @@ class EventDispatcher:
         if defer:
             await self.publish(event, _deferrable(event, listeners))
             return event
+        cls = type(event)
+        plan = self._plans.get(cls)
+        if plan is None or plan[0] is not listeners:
+            plan = self._plans[cls] = (listeners, _all_queued(cls, listeners))
+        if plan[1]:
+            # Every listener is queued and the event cannot stop propagation: nothing runs here.
+            scope = _scope_get()
+            if scope is not None and (scope.owner is self or scope.owner is None):
+                body = encode_event(event)
+                if self.transport is None and scope.owner is not None:
+                    self._no_transport(event, listeners)
+                scope.pending.append((cls, body, listeners, _correlation_get(), _time()))
+                return event
+            await self.publish(event, listeners)
+            return event
+        await self._call_and_publish(event, listeners)
+        return event
+
+    async def _call_and_publish(self, event: object, listeners: Sequence[Listener]) -> None:
+        """Call the in-process listeners in order, then publish to the queued ones (the general path)."""
         stoppable = getattr(event, "is_propagation_stopped", None)
         queued: list[Listener] | None = None
         for entry in listeners:
@@ -219,20 +282,20 @@ class EventDispatcher:
                 await call_listener(entry, event, self.container)
         if queued:
             await self.publish(event, queued)
-        return event
 
     async def publish(self, event: object, listeners: Sequence[Listener]) -> None:
         """Publish ``event`` to ``listeners`` through the transport (one message each).
 
         Inside a deferral scope the built messages are buffered instead.
         """
-        messages = build_messages(event, listeners)
-        scope = _scope.get()
+        scope = _scope_get()
         if scope is not None and scope.accepts(self):
+            body = encode_event(event)
             if scope.owner is not None and self.transport is None:
-                self._no_transport(event, messages)
-            scope.messages.extend(messages)
+                self._no_transport(event, listeners)
+            scope.pending.append((type(event), body, tuple(listeners), _correlation_get(), _time()))
             return
+        messages = build_messages(event, listeners)
         if self.transport is None:
             self._no_transport(event, messages)
         await self.transport.publish(messages)
@@ -253,7 +316,7 @@ class EventDispatcher:
         """
         return Deferred(self, discard_on_error=discard_on_error)
 
-    def _no_transport(self, event: object, messages: Sequence[_wire.OutgoingMessage]) -> NoReturn:
+    def _no_transport(self, event: object, messages: Sequence[object]) -> NoReturn:
         msg = (
             f"{len(messages)} queued listener(s) for {type(event).__qualname__} but the dispatcher has no "
             "transport (use App, or pass transport=)"
@@ -264,30 +327,34 @@ class EventDispatcher:
         return f"<EventDispatcher provider={self.provider!r} transport={self.transport!r}>"
 
 
-class Deferred:
+class Deferred(_Scope):
     """What :meth:`EventDispatcher.deferred` returns: an async context manager around one deferral scope.
 
-    ``messages`` shows what is buffered so far; :meth:`flush` publishes it early.
+    ``messages`` shows what is buffered so far; :meth:`flush` publishes it early. It is its own scope object,
+    so entering costs one context variable set and nothing else.
     """
 
-    __slots__ = ("_scope", "_token", "discard_on_error", "dispatcher")
+    __slots__ = ("_token", "discard_on_error", "dispatcher")
 
     def __init__(self, dispatcher: EventDispatcher, *, discard_on_error: bool = True) -> None:
-        self.dispatcher = dispatcher
+        self.built = []
+        self.pending = []
+        self.owner = self.dispatcher = dispatcher
+        self.parent = None
         self.discard_on_error = discard_on_error
-        self._scope: _Scope | None = None
         self._token: contextvars.Token[_Scope | None] | None = None
 
     @property
     def messages(self) -> list[_wire.OutgoingMessage]:
         """The buffered messages (a copy)."""
-        return list(self._scope.messages) if self._scope is not None else []
+        return list(self.materialize())
 
     async def __aenter__(self) -> Self:
-        if self._scope is not None:
+        if self._token is not None:
             msg = "a Deferred scope cannot be entered twice"
             raise RuntimeError(msg)
-        self._scope, self._token = open_scope(self.dispatcher)
+        self.parent = _scope_get()
+        self._token = _scope_set(self)
         return self
 
     async def __aexit__(
@@ -296,19 +363,17 @@ class Deferred:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._scope is not None
         assert self._token is not None
         keep = exc is None or not self.discard_on_error
-        messages = close_scope(self._scope, self._token, keep=keep)
+        messages = close_scope(self, self._token, keep=keep)
         if messages:
             await self._publish(messages)
 
     async def flush(self) -> None:
         """Publish what is buffered now (within the scope), and keep buffering afterwards."""
-        if self._scope is None or not self._scope.messages:
+        if not self.pending and not self.built:
             return
-        messages, self._scope.messages = self._scope.messages, []
-        await self._publish(messages)
+        await self._publish(self.take())
 
     async def _publish(self, messages: list[_wire.OutgoingMessage]) -> None:
         transport = self.dispatcher.transport
@@ -316,8 +381,17 @@ class Deferred:
         await transport.publish(messages)
 
     def __repr__(self) -> str:
-        buffered = len(self._scope.messages) if self._scope is not None else 0
+        buffered = len(self.built) + sum(len(pending[2]) for pending in self.pending)
         return f"<Deferred buffered={buffered} discard_on_error={self.discard_on_error}>"
+
+
+def _all_queued(cls: type, listeners: Sequence[Listener]) -> bool:
+    """Whether a dispatch of ``cls`` to ``listeners`` only publishes: all queued, a model, not stoppable."""
+    return (
+        issubclass(cls, BaseModel)
+        and getattr(cls, "is_propagation_stopped", None) is None
+        and all(entry.queue for entry in listeners)
+    )
 
 
 def _deferrable(event: object, listeners: Sequence[Listener]) -> list[Listener]:
