@@ -127,7 +127,11 @@ def encode_event(event: object) -> bytes:
             "serialize to validated JSON"
         )
         raise SerializationError(msg)
-    cls = type(event)
+    return _encode_model(type(event), event)
+
+
+def _encode_model(cls: type[BaseModel], event: object) -> bytes:
+    """:func:`encode_event` for an instance of ``cls``, a model class (the caller checked)."""
     try:
         body = cls.__pydantic_serializer__.to_json(event)
     except PydanticSerializationError as exc:
@@ -257,7 +261,7 @@ class EventDispatcher:
             # Every listener is queued and the event cannot stop propagation: nothing runs here.
             scope = _scope_get()
             if scope is not None and (scope.owner is self or scope.owner is None):
-                body = encode_event(event)
+                body = _encode_model(cls, event)  # type: ignore[arg-type] # plan[1]: cls is a model
                 if self.transport is None and scope.owner is not None:
                     self._no_transport(event, listeners)
                 scope.pending.append((cls, body, listeners, _correlation_get(), _time()))
