@@ -219,8 +219,8 @@ class EventDispatcher:
     one dispatch are published together (concurrently, confirmed) after the in-process listeners ran. If an
     in-process listener raises, the exception propagates and nothing is published.
 
-    Inside :meth:`deferred` the messages are built (serialized and validated) at dispatch time but published
-    only when the block ends, all at once.
+    Inside :meth:`deferred` the event is serialized and validated at dispatch time (the messages keep that
+    moment's correlation id and time) but published only when the block ends, all at once.
     """
 
     def __init__(
@@ -310,7 +310,7 @@ class EventDispatcher:
         ::
 
             async with dispatcher.deferred():
-                await dispatcher.dispatch(OrderPlaced(...))   # built and validated now, not yet published
+                await dispatcher.dispatch(OrderPlaced(...))   # serialized and validated now, not yet published
             # here every buffered message is published at once and confirmed
 
         In-process listeners still run at dispatch time. When the block raises, the buffer is discarded
