@@ -21,7 +21,7 @@ from queueable._retry import RetryPolicy
 from queueable.errors import ConfigurationError, UnknownServiceError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable
 
     from queueable.abc import Container
 
@@ -174,7 +174,7 @@ class ListenerProvider:
         if not callable(func):
             msg = f"listener must be callable, got {func!r}"
             raise ConfigurationError(msg)
-        event_type = _event_type_of(func, event_type, skip_self=False, where=_describe(func))
+        event_type = _event_type_of(func, event_type, where=_callable_id(func))
         listener_id = id or _callable_id(func)
         if queue and id is None and ("<locals>" in listener_id or "<lambda>" in listener_id):
             msg = (
@@ -228,9 +228,7 @@ class ListenerProvider:
         is_async: bool | None = None
         if service_type is not None:
             func = _method_of(service_type, service_id, method)
-            event_type = _event_type_of(
-                func, event_type, skip_self=True, where=f"{service_type.__qualname__}.{method}"
-            )
+            event_type = _event_type_of(func, event_type, where=f"{service_type.__qualname__}.{method}")
             is_async = _is_async(func)
         elif event_type is None:
             msg = (
@@ -401,10 +399,6 @@ def _callable_id(func: Callable[..., Any]) -> str:
     return f"{module}:{qualname}"
 
 
-def _describe(func: Callable[..., Any]) -> str:
-    return _callable_id(func)
-
-
 def _is_async(func: Callable[..., Any]) -> bool:
     call = func if inspect.isroutine(func) else getattr(func, "__call__", func)  # noqa: B004
     return inspect.iscoroutinefunction(inspect.unwrap(call))
@@ -442,8 +436,8 @@ class _Unbound:
     """Stands in for ``self`` when a method's signature is inspected without building the service."""
 
 
-def _event_type_of(func: Callable[..., Any], event_type: type | None, *, skip_self: bool, where: str) -> type:
-    del skip_self  # bound methods already hide self
+def _event_type_of(func: Callable[..., Any], event_type: type | None, *, where: str) -> type:
+    # Bound methods (and the placeholder-bound ones from _method_of) already hide self.
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError) as exc:
@@ -474,8 +468,3 @@ def _event_type_of(func: Callable[..., Any], event_type: type | None, *, skip_se
         )
         raise ConfigurationError(msg)
     return event_type
-
-
-def iter_queued(provider: ListenerProvider) -> Iterable[Listener]:
-    """Every queued registration."""
-    return (entry for entry in provider.listeners if entry.queue)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from queueable._app import App, load_app
-from queueable._settings import Settings, mask_url
+from queueable._settings import Settings
 from queueable.errors import ConfigurationError, QueueableError
 
 if TYPE_CHECKING:
@@ -172,8 +172,3 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, default=str)
-
-
-def masked(url: str | None) -> str:
-    """Alias of :func:`queueable.mask_url` for CLI output."""
-    return mask_url(url)
