@@ -7,12 +7,14 @@ these tests are the proof that nothing is lost on a real broker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
 
 from _consumer_process import World
@@ -121,3 +123,25 @@ async def fixture_private_world(rabbit_node: RabbitNode, unique: str, tmp_path: 
         if not rabbit_node.running:
             rabbit_node.start()
         await world.delete_topology()
+
+
+#: What the in-process transport and worker tests may create under their ``unique`` name.
+_ADMIN_SUFFIXES = ("", ".dead", ".other", ".other.dead", *(f".delay.{ms}" for ms in (200, 320, 400, 500, 640)))
+
+
+@pytest.fixture(name="admin")
+async def fixture_admin(amqp_url: str, unique: str) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    """A plain connection for publishing raw messages and reading queues; deletes this test's queues and
+    exchange afterwards.
+    """
+    connection = await aio_pika.connect(amqp_url)
+    yield connection
+    channel = await connection.channel()
+    for suffix in _ADMIN_SUFFIXES:
+        try:
+            await channel.queue_delete(unique + suffix)
+        except aio_pika.exceptions.AMQPError:
+            channel = await connection.channel()
+    with contextlib.suppress(aio_pika.exceptions.AMQPError):
+        await channel.exchange_delete(unique)
+    await connection.close()

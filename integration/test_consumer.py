@@ -6,7 +6,6 @@ The process-level behaviour (signals, exit codes, SIGKILL, broker restarts) is i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
@@ -119,22 +118,6 @@ class World:
     def count(self, kind: str, event_id: str) -> int:
         """How often the listeners recorded ``kind`` for ``event_id``."""
         return sum(1 for k, i, _ in self.seen if k == kind and i == event_id)
-
-
-@pytest.fixture(name="admin")
-async def fixture_admin(amqp_url: str, unique: str) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
-    """A plain connection for publishing raw messages and reading queues; cleans up this test's names."""
-    connection = await aio_pika.connect(amqp_url)
-    yield connection
-    channel = await connection.channel()
-    for suffix in ("", ".dead", ".delay.320", ".delay.200"):
-        try:
-            await channel.queue_delete(unique + suffix)
-        except aio_pika.exceptions.AMQPError:
-            channel = await connection.channel()
-    with contextlib.suppress(aio_pika.exceptions.AMQPError):
-        await channel.exchange_delete(unique)
-    await connection.close()
 
 
 @pytest.fixture(name="world")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from typing import TYPE_CHECKING
@@ -29,22 +28,6 @@ if TYPE_CHECKING:
 def fixture_settings(amqp_url: str, unique: str) -> Settings:
     """Settings with a private exchange and default queue for this test."""
     return Settings(url=amqp_url, exchange=unique, default_queue=unique, publish_timeout=5.0)
-
-
-@pytest.fixture(name="admin")
-async def fixture_admin(amqp_url: str, unique: str) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
-    """A plain connection for looking at queues; deletes this test's queues and exchange afterwards."""
-    connection = await aio_pika.connect(amqp_url)
-    yield connection
-    channel = await connection.channel()
-    for suffix in ("", ".dead", ".other", ".other.dead", *(f".delay.{ms}" for ms in (320, 400, 500, 640))):
-        try:
-            await channel.queue_delete(unique + suffix)
-        except aio_pika.exceptions.AMQPError:
-            channel = await connection.channel()
-    with contextlib.suppress(aio_pika.exceptions.AMQPError):
-        await channel.exchange_delete(unique)
-    await connection.close()
 
 
 @pytest.fixture(name="transport")
