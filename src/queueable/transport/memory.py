@@ -169,7 +169,7 @@ class MemoryTransport:
         """Every dead letter, across all dead-letter queues, in the order they died."""
         return sorted(
             (d for letters in self.dead.values() for d in letters),
-            key=lambda d: (d.message.headers.get(_wire.H_DEAD_AT, ""),),
+            key=lambda d: d.message.headers.get(_wire.H_DEAD_AT, ""),
         )
 
     async def run_once(self) -> Processed | None:
