@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_serializer
 
 from queueable import Stoppable, event
 
@@ -31,6 +31,16 @@ class SpamCommentPosted(CommentPosted):
 class PostPublished(Stoppable):
     post_id: int
     title: str
+
+
+class Broken(BaseModel):
+    """Serializes to JSON that its own model rejects (a string where an int belongs)."""
+
+    value: int
+
+    @field_serializer("value")
+    def _broken(self, value: int) -> str:
+        return "not a number"
 
 
 class NotAModel:

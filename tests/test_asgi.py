@@ -15,9 +15,9 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from queueable import EventDispatcher, ListenerProvider, PublishError
+from queueable import EventDispatcher, ListenerProvider, PublishError, SerializationError
 from queueable.asgi import DeferredDispatchMiddleware
-from tests.fakes import CommentPosted, RecordingTransport
+from tests.fakes import Broken, CommentPosted, RecordingTransport
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -162,6 +162,42 @@ async def test_a_failed_publish_after_the_response_is_logged_and_reported(
     assert response.status_code == 200
     assert [(str(exc), n) for exc, n in failures] == [("broker down", 2)]
     assert "message ids" in caplog.text
+
+
+async def test_an_event_its_model_rejects_is_refused_after_the_response_and_reported(
+    provider: ListenerProvider, gated: GatedTransport, caplog: pytest.LogCaptureFixture
+):
+    """Validation runs after the response: the bad message is logged and reported, the request's others go."""
+    provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
+    dispatcher = EventDispatcher(provider, gated)
+    gated.gate.set()
+
+    async def handler(request: Request) -> JSONResponse:
+        await dispatcher.dispatch(Broken(value=1))
+        await dispatcher.dispatch(CommentPosted(post_id=1, author="ann", text="hi"))
+        return JSONResponse({"ok": True})
+
+    failures: list[tuple[Exception, list[str]]] = []
+    app = Starlette(
+        routes=[Route("/", handler, methods=["POST"])],
+        middleware=[
+            Middleware(
+                DeferredDispatchMiddleware,
+                dispatcher=dispatcher,
+                on_publish_error=lambda exc, messages: failures.append(
+                    (exc, [m.headers["x-queueable-listener"] for m in messages])
+                ),
+            )
+        ],
+    )
+    with caplog.at_level(logging.ERROR, logger="queueable.asgi"):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+            response = await client.post("/")
+    assert response.status_code == 200
+    assert [m.headers["x-queueable-listener"] for m in gated.messages] == ["mailer:notify_author"]
+    assert [(type(exc), ids) for exc, ids in failures] == [(SerializationError, ["broken"])]
+    assert "its own model rejects" in caplog.text
 
 
 async def test_concurrent_requests_publish_only_their_own_events(

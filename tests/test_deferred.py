@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from pydantic import BaseModel, field_serializer
+from pydantic import BaseModel, ConfigDict
 
 from queueable import (
     App,
@@ -21,7 +21,7 @@ from queueable import (
 from queueable import _wire as wire
 from queueable._dispatcher import correlation_id
 from queueable.testing import TestTransport
-from tests.fakes import CommentPosted, Mailer, NotAModel, Recorder, RecordingTransport
+from tests.fakes import Broken, CommentPosted, Mailer, NotAModel, Recorder, RecordingTransport
 
 COMMENT = CommentPosted(post_id=7, author="ann", text="first!")
 
@@ -30,14 +30,6 @@ COMMENT = CommentPosted(post_id=7, author="ann", text="first!")
 def fixture_dispatcher(provider: ListenerProvider, transport: RecordingTransport) -> EventDispatcher:
     provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
     return EventDispatcher(provider, transport)
-
-
-class Broken(BaseModel):
-    value: int
-
-    @field_serializer("value")
-    def _broken(self, value: int) -> str:
-        return "not a number"
 
 
 # -- deferred() --------------------------------------------------------------------------------------
@@ -122,16 +114,112 @@ async def test_in_process_listeners_run_at_dispatch_time_inside_a_scope(
         assert recorder.names == ["notify_sync"]
 
 
-async def test_a_serialization_error_surfaces_at_the_emitter_inside_a_scope(
+class Opaque(BaseModel):
+    """An event whose field holds something JSON cannot represent."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    payload: object
+
+
+async def test_an_event_that_cannot_become_json_fails_at_dispatch_inside_a_scope(
     provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport
 ):
-    """An event that cannot become valid JSON fails at dispatch(), not later when the scope flushes."""
-    provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
+    """Serializing happens at dispatch(): an unserializable event raises there, and the scope goes on."""
+    provider.add_listener(lambda e: None, Opaque, queue=True, id="opaque")
     async with dispatcher.deferred():
-        with pytest.raises(SerializationError):
-            await dispatcher.dispatch(Broken(value=1))
+        with pytest.raises(SerializationError, match="cannot serialize Opaque"):
+            await dispatcher.dispatch(Opaque(payload=object()))
         await dispatcher.dispatch(COMMENT)
     assert len(transport.messages) == 1
+
+
+async def test_json_its_model_rejects_is_refused_at_the_flush_and_the_rest_is_published(
+    provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """Validation runs when the scope flushes: the bad message is never sent, the others are, then it raises."""
+    provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
+
+    async def request() -> None:
+        async with dispatcher.deferred() as scope:
+            await dispatcher.dispatch(Broken(value=1))  # returns: the request is not charged the validation
+            await dispatcher.dispatch(COMMENT)
+            assert len(scope.messages) == 1  # only what will be published
+
+    with pytest.raises(SerializationError, match="Broken serialized to JSON that its own model rejects") as caught:
+        await request()
+    assert [m.headers[wire.H_LISTENER] for m in transport.messages] == ["mailer:notify_author"]
+    assert [m.headers[wire.H_LISTENER] for m in caught.value.messages] == ["broken"]
+    assert caught.value.messages[0].message_id in str(caught.value)
+
+
+async def test_flush_refuses_a_bad_message_and_the_scope_keeps_buffering(
+    provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """flush() publishes the good messages, raises for the bad one, and leaves an empty buffer behind."""
+    provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
+    async with dispatcher.deferred() as scope:
+        await dispatcher.dispatch(Broken(value=1))
+        await dispatcher.dispatch(COMMENT)
+        with pytest.raises(SerializationError):
+            await scope.flush()
+        assert len(transport.messages) == 1
+        await dispatcher.dispatch(COMMENT)
+    assert len(transport.messages) == 2
+
+
+async def test_a_nested_scope_hands_over_unvalidated_and_the_outer_flush_refuses(
+    provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """Leaving an inner scope validates nothing; the outermost flush does, in dispatch order."""
+    provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
+
+    async def request() -> None:
+        async with dispatcher.deferred():
+            await dispatcher.dispatch(CommentPosted(post_id=1, author="a", text="outer"))
+            async with dispatcher.deferred():
+                await dispatcher.dispatch(Broken(value=1))
+                await dispatcher.dispatch(CommentPosted(post_id=2, author="a", text="inner"))
+            await dispatcher.dispatch(CommentPosted(post_id=3, author="a", text="outer again"))
+
+    with pytest.raises(SerializationError):
+        await request()
+    assert [CommentPosted.model_validate_json(m.body).post_id for m in transport.messages] == [1, 2, 3]
+
+
+async def test_a_refused_message_rides_along_as_a_note_when_the_block_raised(
+    provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """With discard_on_error=False the block's own exception propagates, and says what was refused."""
+    provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
+
+    async def request() -> None:
+        async with dispatcher.deferred(discard_on_error=False):
+            await dispatcher.dispatch(Broken(value=1))
+            await dispatcher.dispatch(COMMENT)
+            msg = "handler bug"
+            raise RuntimeError(msg)
+
+    with pytest.raises(RuntimeError, match="handler bug") as caught:
+        await request()
+    assert len(transport.messages) == 1
+    assert any("its own model rejects" in note for note in caught.value.__notes__)
+
+
+async def test_a_publish_failure_at_the_flush_also_names_the_refused_message(
+    provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """PublishError wins (the broker is the bigger problem) and carries the refusal as a note."""
+    provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
+    transport.fail_with = PublishError("broker down")
+
+    async def request() -> None:
+        async with dispatcher.deferred():
+            await dispatcher.dispatch(Broken(value=1))
+            await dispatcher.dispatch(COMMENT)
+
+    with pytest.raises(PublishError, match="broker down") as caught:
+        await request()
+    assert any("its own model rejects" in note for note in caught.value.__notes__)
 
 
 async def test_an_exception_in_the_block_discards_the_buffer(

@@ -259,3 +259,33 @@ async def test_event_without_listeners_is_returned(dispatcher: EventDispatcher, 
     """No listeners: nothing happens, the event comes back."""
     assert await dispatcher.dispatch(COMMENT) is COMMENT
     assert transport.batches == []
+
+
+async def test_a_listener_registered_after_a_dispatch_gets_the_next_one(
+    provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport, recorder: Recorder
+):
+    """The dispatcher caches a plan per event class; a registration invalidates it."""
+    provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    await dispatcher.dispatch(COMMENT)
+    provider.add_listener(lambda e: recorder.record("late", e), CommentPosted, in_thread=False)
+    await dispatcher.dispatch(COMMENT)
+    assert recorder.names == ["late"]
+    assert len(transport.messages) == 2
+
+
+async def test_a_provider_that_overrides_listeners_for_is_asked_on_every_dispatch(
+    transport: RecordingTransport, recorder: Recorder
+):
+    """PSR-14: a provider may compute listeners per event; no plan is cached for it."""
+
+    class PerEvent(ListenerProvider):
+        def listeners_for(self, event: object) -> tuple:
+            found = super().listeners_for(event)
+            return found if getattr(event, "post_id", 0) % 2 else ()
+
+    provider = PerEvent()
+    provider.add_listener(lambda e: recorder.record("odd", e), CommentPosted, in_thread=False)
+    dispatcher = EventDispatcher(provider, transport)
+    for post_id in (1, 2, 3):
+        await dispatcher.dispatch(CommentPosted(post_id=post_id, author="a", text="t"))
+    assert [event.post_id for _, event in recorder.calls] == [1, 3]  # type: ignore[attr-defined]

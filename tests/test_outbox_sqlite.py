@@ -12,12 +12,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from queueable import App, PublishError, listener
+from queueable import App, PublishError, SerializationError, listener
 from queueable import _wire as wire
 from queueable.outbox import OUTBOX, Outbox, Relay, from_row, metadata
 from queueable.sync import SyncDispatcher
 from queueable.testing import TestTransport
-from tests.fakes import CommentPosted, Recorder
+from tests.fakes import Broken, CommentPosted, Recorder
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator, Sequence
@@ -121,6 +121,24 @@ async def test_an_exception_inside_the_scope_writes_nothing(engine: sa.Engine, o
         with pytest.raises(RuntimeError):
             await handler(session)
         session.commit()  # even a commit afterwards finds nothing to write
+    assert rows(engine) == []
+
+
+async def test_an_event_its_model_rejects_fails_the_scope_and_writes_no_row(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """Validation runs when the outbox scope ends, inside the transaction: it raises, and nothing is written."""
+    outbox_app.add_listener(lambda e: None, Broken, queue=True, id="broken")
+
+    async def handler(session: Session) -> None:
+        async with outbox.bind(session):
+            await outbox_app.dispatch(COMMENT)
+            await outbox_app.dispatch(Broken(value=1))
+
+    with Session(engine) as session:
+        with pytest.raises(SerializationError, match="its own model rejects"):
+            await handler(session)
+        session.commit()
     assert rows(engine) == []
 
 

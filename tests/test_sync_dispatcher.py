@@ -14,11 +14,12 @@ from queueable import (
     EventDispatcher,
     ListenerProvider,
     PublishError,
+    SerializationError,
     TransportClosedError,
     correlation_id,
 )
 from queueable.sync import SyncDispatcher
-from tests.fakes import CommentPosted, Recorder, RecordingTransport
+from tests.fakes import Broken, CommentPosted, Recorder, RecordingTransport
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -130,6 +131,23 @@ def test_deferred_publishes_once_at_the_end(events: SyncDispatcher, slow: SlowTr
         events.dispatch(COMMENT)
         assert slow.batches == []
     assert [len(batch) for batch in slow.batches] == [2]
+
+
+def test_deferred_refuses_json_its_model_rejects_after_publishing_the_rest(
+    provider: ListenerProvider, events: SyncDispatcher, slow: SlowTransport
+):
+    """Validation runs at the end of the block: the good message is confirmed, then SerializationError."""
+    provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
+
+    def request() -> None:
+        with events.deferred():
+            events.dispatch(Broken(value=1))
+            events.dispatch(COMMENT)
+
+    with pytest.raises(SerializationError, match="its own model rejects") as caught:
+        request()
+    assert [len(batch) for batch in slow.batches] == [1]
+    assert [m.headers["x-queueable-listener"] for m in caught.value.messages] == ["broken"]
 
 
 def test_deferred_discards_on_error(events: SyncDispatcher, slow: SlowTransport):

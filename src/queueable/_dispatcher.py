@@ -12,13 +12,14 @@ from pydantic_core import PydanticSerializationError
 
 from queueable import _wire
 from queueable._events import event_name, event_version
+from queueable._provider import ListenerProvider
 from queueable.errors import ConfigurationError, SerializationError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import TracebackType
 
-    from queueable._provider import Listener, ListenerProvider
+    from queueable._provider import Listener
     from queueable.abc import Container, Transport
 
 __all__ = ["Deferred", "EventDispatcher", "build_messages", "correlation_id", "encode_event"]
@@ -34,8 +35,9 @@ correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 #: What one dispatch inside a scope buffers, turned into messages only when someone needs them: the event class,
-#: its validated JSON, the queued listeners, the correlation id of the dispatching context (``None``: a fresh one
-#: each) and the dispatch time (the messages' timestamp and created-at header).
+#: its JSON (serialized at dispatch, not yet validated back), the queued listeners, the correlation id of the
+#: dispatching context (``None``: a fresh one each) and the dispatch time (the messages' timestamp and
+#: created-at header).
 _Pending = tuple[type, bytes, "Sequence[Listener]", "str | None", float]
 
 
@@ -43,38 +45,49 @@ class _Scope:
     """A buffer that dispatches in this context append to instead of publishing.
 
     ``owner`` is the dispatcher whose dispatches it buffers (``None``: any dispatcher, as for an outbox).
-    Dispatches append a compact record to ``pending``; :attr:`messages` builds the messages from it once (so
-    their ids are stable), keeping dispatch-time work to serializing and validating the event.
+    Dispatches serialize the event (so the message is a snapshot, and an event that cannot become JSON fails on
+    the line that dispatched it) and append a compact record to ``pending``. :meth:`materialize` validates each
+    body back into its model and builds the messages once (so their ids are stable); the messages of a body
+    its model rejects go to ``rejected`` instead, with the reason, and are never published. That keeps the
+    request's share to serializing the event: validating is as costly again, and it runs at the flush, after
+    the response.
     """
 
-    __slots__ = ("built", "owner", "parent", "pending")
+    __slots__ = ("built", "owner", "parent", "pending", "rejected")
 
     def __init__(self, owner: EventDispatcher | None, parent: _Scope | None) -> None:
         self.built: list[_wire.OutgoingMessage] = []
         self.pending: list[_Pending] = []
+        self.rejected: list[tuple[str, list[_wire.OutgoingMessage]]] = []
         self.owner = owner
         self.parent = parent
 
     @property
     def messages(self) -> list[_wire.OutgoingMessage]:
-        """The buffered messages, in dispatch order (the scope's own list)."""
+        """The buffered messages that will be published, in dispatch order (the scope's own list)."""
         return self.materialize()
 
     def materialize(self) -> list[_wire.OutgoingMessage]:
-        """Build the messages of the pending dispatches; return the scope's own list of built messages."""
+        """Validate and build the pending dispatches; return the scope's own list of built messages."""
         pending = self.pending
         if pending:
             built = self.built
             for cls, body, listeners, corr, now in pending:
-                built.extend(_build(cls, body, listeners, corr, now))
+                messages = _build(cls, body, listeners, corr, now)
+                problem = _rejection(cls, body)
+                if problem is None:
+                    built.extend(messages)
+                else:
+                    self.rejected.append((problem, messages))
             pending.clear()
         return self.built
 
-    def take(self) -> list[_wire.OutgoingMessage]:
-        """The buffered messages, leaving the buffer empty."""
+    def take(self) -> tuple[list[_wire.OutgoingMessage], SerializationError | None]:
+        """The buffered messages and an error for those refused (``None``: none), leaving the buffer empty."""
         messages = self.materialize()
         self.built = []
-        return messages
+        rejected, self.rejected = self.rejected, []
+        return messages, _rejected_error(rejected)
 
     def accepts(self, dispatcher: EventDispatcher) -> bool:
         return self.owner is None or self.owner is dispatcher
@@ -96,24 +109,33 @@ def open_scope(owner: EventDispatcher | None) -> tuple[_Scope, contextvars.Token
 
 def close_scope(
     scope: _Scope, token: contextvars.Token[_Scope | None], *, keep: bool
-) -> list[_wire.OutgoingMessage]:
+) -> tuple[list[_wire.OutgoingMessage], SerializationError | None]:
     """Stop buffering; return the messages the caller must deliver itself (none if a parent takes them).
 
     With ``keep=False`` the buffer is discarded. Otherwise an enclosing scope that accepts the same dispatcher
-    takes the messages over (a nested scope flushes with the outermost one). A scope without an owner (an
-    outbox, bound to one database transaction) always delivers its messages itself.
+    takes the messages over, unvalidated (a nested scope flushes with the outermost one). A scope without an
+    owner (an outbox, bound to one database transaction) always delivers its messages itself.
+
+    The second item is a ``SerializationError`` for the messages whose event JSON its model rejects; they are
+    not in the list. The caller delivers the list, then raises or reports the error.
     """
     _scope.reset(token)
     if not keep:
         scope.pending = []
         scope.built = []
-        return []
-    messages = scope.take()
+        scope.rejected = []
+        return [], None
     parent = scope.parent
     if parent is not None and scope.owner is not None and parent.accepts(scope.owner):
-        parent.materialize().extend(messages)
-        return []
-    return messages
+        # Handed over as they are: unvalidated records stay unvalidated until the outermost flush, and the
+        # order stays dispatch order (records built early, by reading ``messages``, go after the parent's).
+        if scope.built:
+            parent.materialize().extend(scope.built)
+        parent.pending.extend(scope.pending)
+        parent.rejected.extend(scope.rejected)
+        scope.pending, scope.built, scope.rejected = [], [], []
+        return [], None
+    return scope.take()
 
 
 def encode_event(event: object) -> bytes:
@@ -132,20 +154,57 @@ def encode_event(event: object) -> bytes:
 
 def _encode_model(cls: type[BaseModel], event: object) -> bytes:
     """:func:`encode_event` for an instance of ``cls``, a model class (the caller checked)."""
-    try:
-        body = cls.__pydantic_serializer__.to_json(event)
-    except PydanticSerializationError as exc:
-        msg = f"cannot serialize {cls.__qualname__} to JSON: {exc}"
-        raise SerializationError(msg) from exc
+    body = _serialize(cls, event)
     try:
         cls.__pydantic_validator__.validate_json(body)  # what model_validate_json runs, without its frame
     except ValidationError as exc:
-        msg = (
-            f"{cls.__qualname__} serialized to JSON that its own model rejects, so a worker could not read "
-            f"it: {exc}"
-        )
-        raise SerializationError(msg) from exc
+        raise SerializationError(_rejected_message(cls, exc)) from exc
     return body
+
+
+def _serialize(cls: type[BaseModel], event: object) -> bytes:
+    """The JSON of ``event``, an instance of ``cls`` (not validated back); raises ``SerializationError``."""
+    try:
+        return cls.__pydantic_serializer__.to_json(event)
+    except PydanticSerializationError as exc:
+        raise _serialization_error(cls, exc) from exc
+
+
+def _serialization_error(cls: type, exc: PydanticSerializationError) -> SerializationError:
+    return SerializationError(f"cannot serialize {cls.__qualname__} to JSON: {exc}")
+
+
+def _serialize_event(event: object) -> bytes:
+    """:func:`_serialize` for any object: raises ``SerializationError`` if it is not a pydantic model."""
+    if not isinstance(event, BaseModel):
+        return encode_event(event)  # raises, with the message
+    return _serialize(type(event), event)
+
+
+def _rejected_message(cls: type, exc: ValidationError) -> str:
+    return (
+        f"{cls.__qualname__} serialized to JSON that its own model rejects, so a worker could not read it: {exc}"
+    )
+
+
+def _rejection(cls: type[BaseModel], body: bytes) -> str | None:
+    """Why a worker could not read ``body`` as ``cls`` (``None``: it can); the deferred half of encode_event."""
+    try:
+        cls.__pydantic_validator__.validate_json(body)
+    except ValidationError as exc:
+        return _rejected_message(cls, exc)
+    return None
+
+
+def _rejected_error(rejected: list[tuple[str, list[_wire.OutgoingMessage]]]) -> SerializationError | None:
+    """One error for the messages a scope refused to publish (``None`` if it refused none)."""
+    if not rejected:
+        return None
+    messages = [message for _, batch in rejected for message in batch]
+    reasons = "; ".join(dict.fromkeys(problem for problem, _ in rejected))
+    ids = ", ".join(message.message_id for message in messages)
+    msg = f"{len(messages)} buffered message(s) not published (ids: {ids}): {reasons}"
+    return SerializationError(msg, messages=messages)
 
 
 def build_messages(
@@ -219,8 +278,8 @@ class EventDispatcher:
     one dispatch are published together (concurrently, confirmed) after the in-process listeners ran. If an
     in-process listener raises, the exception propagates and nothing is published.
 
-    Inside :meth:`deferred` the event is serialized and validated at dispatch time (the messages keep that
-    moment's correlation id and time) but published only when the block ends, all at once.
+    Inside :meth:`deferred` the event is serialized at dispatch time (the messages keep that moment's
+    correlation id and time), then validated and published only when the block ends, all at once.
     """
 
     def __init__(
@@ -233,8 +292,10 @@ class EventDispatcher:
         self.provider = provider
         self.transport = transport
         self.container = container if container is not None else provider.container
-        # Per event class: the listeners tuple this was worked out for, and whether all are queued (fast path).
-        self._plans: dict[type, tuple[Sequence[Listener], bool]] = {}
+        # Per event class: its listeners, whether all are queued (the fast path), and the provider generation
+        # they were worked out for. A provider subclass that overrides listeners_for is asked every time.
+        self._plans: dict[type, tuple[Sequence[Listener], bool, int]] = {}
+        self._cacheable = type(provider).listeners_for is ListenerProvider.listeners_for
 
     async def dispatch(self, event: E, *, defer: bool = False) -> E:
         """Deliver ``event`` to its listeners and return it.
@@ -247,21 +308,25 @@ class EventDispatcher:
         without ``queue=True``; each must be queued or a service listener registered with ``deferrable=True``
         (``ConfigurationError`` otherwise, before anything is published). Nothing runs in this process.
         """
-        listeners = self.provider.listeners_for(event)
+        cls = type(event)
+        plan = self._plans.get(cls)
+        if plan is None or plan[2] != self.provider.generation or not self._cacheable:
+            plan = self._plan(cls, event)
+        listeners, all_queued, _ = plan
         if not listeners:
             return event
         if defer:
             await self.publish(event, _deferrable(event, listeners))
             return event
-        cls = type(event)
-        plan = self._plans.get(cls)
-        if plan is None or plan[0] is not listeners:
-            plan = self._plans[cls] = (listeners, _all_queued(cls, listeners))
-        if plan[1]:
+        if all_queued:
             # Every listener is queued and the event cannot stop propagation: nothing runs here.
             scope = _scope_get()
             if scope is not None and (scope.owner is self or scope.owner is None):
-                body = _encode_model(cls, event)  # type: ignore[arg-type] # plan[1]: cls is a model
+                # Inline, as the hot path of a request: serialize (the snapshot) and buffer; validated at flush.
+                try:
+                    body = cls.__pydantic_serializer__.to_json(event)  # type: ignore[attr-defined]
+                except PydanticSerializationError as exc:
+                    raise _serialization_error(cls, exc) from exc
                 if self.transport is None and scope.owner is not None:
                     self._no_transport(event, listeners)
                 scope.pending.append((cls, body, listeners, _correlation_get(), _time()))
@@ -270,6 +335,13 @@ class EventDispatcher:
             return event
         await self._call_and_publish(event, listeners)
         return event
+
+    def _plan(self, cls: type, event: object) -> tuple[Sequence[Listener], bool, int]:
+        provider = self.provider
+        generation = provider.generation
+        listeners = provider.listeners_for(event)
+        plan = self._plans[cls] = (listeners, _all_queued(cls, listeners), generation)
+        return plan
 
     async def _call_and_publish(self, event: object, listeners: Sequence[Listener]) -> None:
         """Call the in-process listeners in order, then publish to the queued ones (the general path)."""
@@ -294,7 +366,7 @@ class EventDispatcher:
         """
         scope = _scope_get()
         if scope is not None and scope.accepts(self):
-            body = encode_event(event)
+            body = _serialize_event(event)
             if scope.owner is not None and self.transport is None:
                 self._no_transport(event, listeners)
             scope.pending.append((type(event), body, tuple(listeners), _correlation_get(), _time()))
@@ -310,8 +382,14 @@ class EventDispatcher:
         ::
 
             async with dispatcher.deferred():
-                await dispatcher.dispatch(OrderPlaced(...))   # serialized and validated now, not yet published
-            # here every buffered message is published at once and confirmed
+                await dispatcher.dispatch(OrderPlaced(...))   # serialized now, not yet published
+            # here every buffered message is validated, published at once and confirmed
+
+        The event is serialized at dispatch: the message is a snapshot, and an event that cannot become JSON
+        raises ``SerializationError`` there. Validating that JSON back into the model (what a worker will do)
+        runs when the scope flushes, before anything is published: a message that fails it is never sent, the
+        others are, and leaving the block raises ``SerializationError`` naming the refused messages. (Validation
+        costs about as much as serializing; at the flush it stays out of the request.)
 
         In-process listeners still run at dispatch time. When the block raises, the buffer is discarded
         (``discard_on_error=False`` publishes it anyway, then the exception propagates). A nested scope hands
@@ -343,6 +421,7 @@ class Deferred(_Scope):
     def __init__(self, dispatcher: EventDispatcher, *, discard_on_error: bool = True) -> None:
         self.built = []
         self.pending = []
+        self.rejected = []
         self.owner = self.dispatcher = dispatcher
         self.parent = None
         self.discard_on_error = discard_on_error
@@ -369,23 +448,45 @@ class Deferred(_Scope):
     ) -> None:
         assert self._token is not None
         keep = exc is None or not self.discard_on_error
-        messages = close_scope(self, self._token, keep=keep)
-        if messages:
-            await self._publish(messages)
+        messages, rejected = close_scope(self, self._token, keep=keep)
+        await self._deliver(messages, rejected, exc)
 
     async def flush(self) -> None:
-        """Publish what is buffered now (within the scope), and keep buffering afterwards."""
-        if not self.pending and not self.built:
-            return
-        await self._publish(self.take())
+        """Publish what is buffered now (within the scope), and keep buffering afterwards.
 
-    async def _publish(self, messages: list[_wire.OutgoingMessage]) -> None:
-        transport = self.dispatcher.transport
-        assert transport is not None  # checked when the messages were buffered
-        await transport.publish(messages)
+        Raises ``SerializationError`` (after publishing the rest) if an event's JSON fails validation.
+        """
+        if self.pending or self.built or self.rejected:
+            messages, rejected = self.take()
+            await self._deliver(messages, rejected, None)
+
+    async def _deliver(
+        self,
+        messages: list[_wire.OutgoingMessage],
+        rejected: SerializationError | None,
+        exc: BaseException | None,
+    ) -> None:
+        """Publish ``messages``; then raise ``rejected``, or add it as a note to the exception already raised."""
+        if messages:
+            transport = self.dispatcher.transport
+            assert transport is not None  # checked when the messages were buffered
+            try:
+                await transport.publish(messages)
+            except Exception as error:
+                if rejected is not None:
+                    error.add_note(str(rejected))
+                raise
+        if rejected is None:
+            return
+        if exc is not None:  # the block's own exception propagates (discard_on_error=False); this goes with it
+            exc.add_note(str(rejected))
+            return
+        raise rejected
 
     def __repr__(self) -> str:
         buffered = len(self.built) + sum(len(pending[2]) for pending in self.pending)
+        if self.rejected:
+            return f"<Deferred buffered={buffered} rejected={sum(len(r[1]) for r in self.rejected)}>"
         return f"<Deferred buffered={buffered} discard_on_error={self.discard_on_error}>"
 
 

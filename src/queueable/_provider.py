@@ -146,6 +146,8 @@ class ListenerProvider:
         self._by_type: dict[type, list[Listener]] = {}
         self._queued: dict[str, list[Listener]] = {}
         self._cache: dict[type, tuple[Listener, ...]] = {}
+        #: Bumped by every registration: a dispatcher's per-class plans are valid for one generation.
+        self.generation = 0
         self._order = itertools.count()
         #: The wire names of queued events: what a worker can turn a message's event name into.
         self.events = EventRegistry()
@@ -325,6 +327,7 @@ class ListenerProvider:
         self._listeners.append(entry)
         self._by_type.setdefault(entry.event_type, []).append(entry)
         self._cache.clear()
+        self.generation += 1
         return entry
 
     def _type_of(self, service_id: str) -> type | None:

@@ -5,14 +5,17 @@ Quart, Django's ASGI handler)::
 
     app = Starlette(routes=..., middleware=[Middleware(DeferredDispatchMiddleware, dispatcher=events_app)])
 
-Each HTTP request runs inside :meth:`EventDispatcher.deferred`: events its handler dispatches are built and
-validated at once (errors still reach the handler) and published, all together and confirmed, after the last
-byte of the response has been handed to the server. The client never waits for the broker. A request whose
-handler raises, or whose response is a server error (``>= 500``), or that never completed its response,
-publishes nothing (``discard_on_error=False`` publishes anyway).
+Each HTTP request runs inside :meth:`EventDispatcher.deferred`: events its handler dispatches are serialized
+at once (an event that cannot become JSON raises in the handler), then validated back and published, all
+together and confirmed, after the last byte of the response has been handed to the server. The client never
+waits for the broker, nor for the validation. A request whose handler raises, or whose response is a server
+error (``>= 500``), or that never completed its response, publishes nothing (``discard_on_error=False``
+publishes anyway).
 
-A publish that fails after the response cannot reach the client any more: it is logged (with the message ids)
-and passed to ``on_publish_error`` if given. Use the transactional outbox when an event must not be lost.
+What fails after the response cannot reach the client any more: a publish the broker did not confirm
+(``PublishError``), or an event whose JSON its own model rejects (``SerializationError``; that message is
+never sent, the request's other messages are). Either is logged at ERROR with the message ids and passed to
+``on_publish_error(exc, messages)`` if given. Use the transactional outbox when an event must not be lost.
 
 No runtime dependency: this is plain ASGI.
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 
     from queueable._wire import OutgoingMessage
+    from queueable.errors import SerializationError
 
     Message = MutableMapping[str, Any]
     Scope = MutableMapping[str, Any]
@@ -91,18 +95,25 @@ class DeferredDispatchMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         except BaseException:
-            messages = close_scope(buffer, token, keep=not self.discard_on_error)
-            if messages:
-                await self._publish(dispatcher, messages)
+            await self._publish(dispatcher, *close_scope(buffer, token, keep=not self.discard_on_error))
             raise
         failed = not complete or status >= self.discard_status
-        messages = close_scope(buffer, token, keep=not (failed and self.discard_on_error))
-        if messages:
-            await self._publish(dispatcher, messages)
-        elif failed:
+        keep = not (failed and self.discard_on_error)
+        await self._publish(dispatcher, *close_scope(buffer, token, keep=keep))
+        if not keep:
             log.debug("request failed (status %s); its events were discarded", status)
 
-    async def _publish(self, dispatcher: EventDispatcher, messages: list[OutgoingMessage]) -> None:
+    async def _publish(
+        self,
+        dispatcher: EventDispatcher,
+        messages: list[OutgoingMessage],
+        rejected: SerializationError | None,
+    ) -> None:
+        if rejected is not None:
+            log.error("%s", rejected)
+            self._report(rejected, rejected.messages)
+        if not messages:
+            return
         transport = dispatcher.transport
         assert transport is not None  # checked when the messages were buffered
         try:
@@ -113,8 +124,11 @@ class DeferredDispatchMiddleware:
                 len(messages),
                 ", ".join(m.message_id for m in messages),
             )
-            if self.on_publish_error is not None:
-                self.on_publish_error(exc, messages)
+            self._report(exc, messages)
+
+    def _report(self, exc: Exception, messages: Sequence[OutgoingMessage]) -> None:
+        if self.on_publish_error is not None:
+            self.on_publish_error(exc, messages)
 
     def __repr__(self) -> str:
         return f"<DeferredDispatchMiddleware app={self.app!r} discard_on_error={self.discard_on_error}>"

@@ -18,6 +18,13 @@ Catch ``QueueableError`` to catch everything the library raises on its own behal
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from queueable._wire import OutgoingMessage
+
 __all__ = [
     "ConfigurationError",
     "ListenerControl",
@@ -56,8 +63,14 @@ class UnknownServiceError(QueueableError, LookupError):
 class SerializationError(QueueableError, ValueError):
     """An event could not be turned into JSON that its own model accepts back.
 
-    Raised by ``dispatch()`` at the emitter, so a bad event never reaches a worker.
+    Raised at the emitter, so a bad event never reaches a worker: by ``dispatch()``, or, for an event
+    dispatched inside a deferral scope whose JSON its model rejects, when the scope flushes. ``messages`` then
+    holds the messages that were refused (the other messages of the scope were published).
     """
+
+    def __init__(self, message: str, *, messages: Sequence[OutgoingMessage] = ()) -> None:
+        super().__init__(message)
+        self.messages: list[OutgoingMessage] = list(messages)
 
 
 class PublishError(QueueableError):

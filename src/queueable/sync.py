@@ -96,21 +96,30 @@ class SyncDispatcher:
         ::
 
             with events.deferred():
-                events.dispatch(OrderPlaced(...))     # built and validated, not yet published
-            # published and confirmed here
+                events.dispatch(OrderPlaced(...))     # serialized, not yet published
+            # validated, published and confirmed here (SerializationError for an event its model rejects)
         """
         dispatcher = self.dispatcher
         scope, token = open_scope(dispatcher)
         try:
             yield
-        except BaseException:
-            messages = close_scope(scope, token, keep=not discard_on_error)
+        except BaseException as exc:
+            messages, rejected = close_scope(scope, token, keep=not discard_on_error)
+            if rejected is not None:
+                exc.add_note(str(rejected))
             if messages:
                 self._publish(dispatcher, messages)
             raise
-        messages = close_scope(scope, token, keep=True)
-        if messages:
-            self._publish(dispatcher, messages)
+        messages, rejected = close_scope(scope, token, keep=True)
+        try:
+            if messages:
+                self._publish(dispatcher, messages)
+        except Exception as exc:
+            if rejected is not None:
+                exc.add_note(str(rejected))
+            raise
+        if rejected is not None:
+            raise rejected
 
     def run(self, coro: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
         """Run ``coro`` on the loop thread, in a copy of the caller's context, and return its result."""

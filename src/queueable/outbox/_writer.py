@@ -43,9 +43,10 @@ class Outbox:
             await outbox.dispatch(session, OrderPlaced(order_id=order.id))
         # committed: the order and its event rows exist together; rolled back: neither does
 
-    In-process listeners run at dispatch as usual; every queued listener's message (serialized and validated
-    at dispatch) becomes one row, inserted through ``session``/``connection`` before the block ends, hence in
-    its transaction. ``queueable relay APP`` publishes the rows afterwards. Nothing talks to the broker here.
+    In-process listeners run at dispatch as usual; every queued listener's message (serialized at dispatch,
+    validated when the scope ends) becomes one row, inserted through ``session``/``connection`` before the
+    block ends, hence in its transaction. ``queueable relay APP`` publishes the rows afterwards. Nothing talks
+    to the broker here.
 
     ``bind(target)`` is the scope form, for code that dispatches through the app (or a ``SyncDispatcher``)
     somewhere deeper::
@@ -135,7 +136,10 @@ class OutboxScope:
     def _close(self, exc: BaseException | None) -> list[OutgoingMessage]:
         assert self._scope is not None
         assert self._token is not None
-        return close_scope(self._scope, self._token, keep=exc is None)
+        messages, rejected = close_scope(self._scope, self._token, keep=exc is None)
+        if rejected is not None:  # no rows at all: the exception rolls the transaction back with its data
+            raise rejected
+        return messages
 
     def __enter__(self) -> Self:
         if _is_async(self.target):
