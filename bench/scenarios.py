@@ -440,30 +440,38 @@ async def consumer(bench: Bench) -> list[Row]:
 
 # -- 5: deferred dispatch ------------------------------------------------------------------------------------
 
+DEFERRED_TARGET_US = 50.0
+
 
 async def deferred(bench: Bench) -> list[Row]:
     """5: what a request pays for ``deferred()`` + ``dispatch()`` (buffer only), and the flush after it.
 
-    Like a request under ``DeferredDispatchMiddleware``: open the scope, dispatch (serialize, validate, build
-    the message, buffer it), then flush after the "response". Wall time, and this thread's CPU time (which
-    leaves out preemption by the other processes of this 2-core machine; its p99 is the code's own tail).
+    Like a request under ``DeferredDispatchMiddleware``: open the scope, dispatch (serialize the event, buffer
+    a record), then flush after the "response" (validate, build the message, publish, confirm). Wall time, and
+    this thread's CPU time. Each window starts right after the previous flush's confirm, when the interpreter
+    runs cold and this VM's CPU has just woken from waiting: the worst spot a request can be in. Besides the
+    p99 the table shows the share of windows over the 50 µs target, which says how far from the line it is.
     """
     sizes = bench.sizes
     dispatcher = bench.app.dispatcher
     clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
-    figures: dict[str, list[float]] = {"buffer.p50": [], "buffer.p99": [], "buffer.cpu.p99": [],
-                                       "flush.p50": [], "flush.p99": []}  # fmt: skip
+    keys = ("buffer.p50", "buffer.p99", "buffer.over", "buffer.cpu.p99", "flush.p50", "flush.p99")
+    figures: dict[str, list[float]] = {key: [] for key in keys}
     for round_index in range(-1, sizes.rounds):  # round -1 warms up
         buffered: list[float] = []
         buffered_cpu: list[float] = []
         flushed: list[float] = []
         events = [order(OrderPlaced, i) for i in range(sizes.deferred_samples)]
         for event in events:
+            # The CPU clock is a system call here (no vDSO): it brackets the wall-clock window from outside, so
+            # the wall figure carries no system call of the benchmark's own.
+            cpu_start = cpu_clock()
+            start = clock()
             scope = dispatcher.deferred()
-            start, cpu_start = clock(), cpu_clock()
             await scope.__aenter__()
             await dispatcher.dispatch(event)
-            cpu_middle, middle = cpu_clock(), clock()
+            middle = clock()
+            cpu_middle = cpu_clock()
             await scope.__aexit__(None, None, None)
             end = clock()
             buffered.append((middle - start) / 1e3)
@@ -471,22 +479,30 @@ async def deferred(bench: Bench) -> list[Row]:
             flushed.append((end - middle) / 1e3)
         if round_index < 0:
             continue
-        for key, values, q in (("buffer.p50", buffered, 50), ("buffer.p99", buffered, 99),
-                               ("buffer.cpu.p99", buffered_cpu, 99), ("flush.p50", flushed, 50),
-                               ("flush.p99", flushed, 99)):  # fmt: skip
-            figures[key].append(percentile(values, q))
-            bench.keep(f"deferred.{key}", "queueable", figures[key][-1])
+        over = 100 * sum(value > DEFERRED_TARGET_US for value in buffered) / len(buffered)
+        values = {
+            "buffer.p50": percentile(buffered, 50),
+            "buffer.p99": percentile(buffered, 99),
+            "buffer.over": over,
+            "buffer.cpu.p99": percentile(buffered_cpu, 99),
+            "flush.p50": percentile(flushed, 50),
+            "flush.p99": percentile(flushed, 99),
+        }
+        for key, value in values.items():
+            figures[key].append(value)
+            bench.keep(f"deferred.{key}", "queueable", value)
     await purge(bench.raw_channel, bench.names.publish)
     labels = {
-        "buffer.p50": ("deferred() + dispatch(), buffer only, p50", None),
-        "buffer.p99": ("deferred() + dispatch(), buffer only, p99", 50),
-        "buffer.cpu.p99": ("deferred() + dispatch(), buffer only, CPU p99", 50),
-        "flush.p50": ("flush after it (1 message), p50", None),
-        "flush.p99": ("flush after it (1 message), p99", None),
+        "buffer.p50": ("deferred() + dispatch(), buffer only, p50", "µs", None),
+        "buffer.p99": ("deferred() + dispatch(), buffer only, p99", "µs", DEFERRED_TARGET_US),
+        "buffer.over": (f"deferred() + dispatch(), share over {DEFERRED_TARGET_US:g} µs", "%", None),
+        "buffer.cpu.p99": ("deferred() + dispatch(), buffer only, CPU p99", "µs", None),
+        "flush.p50": ("flush after it (validate + 1 message), p50", "µs", None),
+        "flush.p99": ("flush after it (validate + 1 message), p99", "µs", None),
     }
     return [
-        Row(f"deferred.{key}", label, "µs", Spread.of(figures[key]), None, "", target, lower_is_better=True)
-        for key, (label, target) in labels.items()
+        Row(f"deferred.{key}", label, unit, Spread.of(figures[key]), None, "", target, lower_is_better=True)
+        for key, (label, unit, target) in labels.items()
     ]
 
 
