@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 import aio_pika
 import pytest
+from pydantic import BaseModel
 
-from queueable import ConfigurationError, OutgoingMessage, PublishError, Settings, TransportClosedError
+from queueable import App, ConfigurationError, OutgoingMessage, PublishError, Settings, TransportClosedError
 from queueable._wire import H_LISTENER
 from queueable.transport.rabbitmq import (
     DELAY_QUEUE_GRACE_MS,
@@ -364,3 +365,32 @@ async def test_nacked_message_is_retried_then_reported(amqp_url, admin, unique):
         assert 0.9 < time.monotonic() - started < 3
     finally:
         await transport.close()
+
+
+async def test_a_queue_registered_after_the_first_publish_is_declared_before_its_first_message(
+    settings, admin, unique
+):
+    """An app that registers a listener with a new queue_name after it started publishing can publish to it:
+    the transport declares the new queue's topology first (it used to fail as unroutable).
+    """
+
+    class Early(BaseModel):
+        n: int
+
+    class Late(BaseModel):
+        n: int
+
+    async def noop(event: BaseModel) -> None: ...
+
+    app = App(settings=settings)
+    app.add_listener(noop, Early, queue=True, id="tests:early")
+    try:
+        await app.dispatch(Early(n=1))  # the transport exists now, and declared only `unique`
+        app.add_listener(noop, Late, queue=True, id="tests:late", queue_name=unique + ".other")
+        await app.dispatch(Late(n=2))
+        [late] = await drain(admin, unique + ".other")
+        assert json.loads(late.body) == {"n": 2}
+        channel = await admin.channel()
+        await channel.declare_queue(unique + ".other.dead", passive=True)  # its dead-letter queue exists too
+    finally:
+        await app.close()

@@ -174,3 +174,14 @@ def test_repr_reports_counts(provider: ListenerProvider):
     provider.add_listener(on_comment)
     provider.add_listener_service("typed_mailer", "notify_author", queue=True)
     assert repr(provider) == "<ListenerProvider listeners=2 queued=1>"
+
+
+def test_watchers_hear_of_each_new_work_queue_once(provider: ListenerProvider):
+    """A registration that adds a queue name notifies watchers; the default queue and repeats do not."""
+    heard: list[str] = []
+    provider.watch_queues(heard.append)
+    provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    provider.add_listener(lambda e: None, CommentPosted, queue=True, id="a", queue_name="mail")
+    provider.add_listener(lambda e: None, PostPublished, queue=True, id="b", queue_name="mail")
+    provider.add_listener(lambda e: None, CommentPosted, id="in-process")
+    assert heard == ["mail"]

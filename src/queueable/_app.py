@@ -142,7 +142,9 @@ class App:
         except ImportError as exc:  # pragma: no cover - aio-pika is a hard dependency
             msg = f"cannot use {mask_url(settings.url)}: {exc}"
             raise ConfigurationError(msg) from exc
-        return RabbitMQTransport(settings, queues=self.provider.queue_names)
+        transport = RabbitMQTransport(settings, queues=self.provider.queue_names)
+        self.provider.watch_queues(transport.add_queue)
+        return transport
 
     async def close(self) -> None:
         """Close the transport (in embedded mode, after queued listeners finished)."""

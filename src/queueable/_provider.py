@@ -148,6 +148,7 @@ class ListenerProvider:
         self._cache: dict[type, tuple[Listener, ...]] = {}
         #: Bumped by every registration: a dispatcher's per-class plans are valid for one generation.
         self.generation = 0
+        self._queue_watchers: list[Callable[[str], object]] = []
         self._order = itertools.count()
         #: The wire names of queued events: what a worker can turn a message's event name into.
         self.events = EventRegistry()
@@ -322,13 +323,25 @@ class ListenerProvider:
             if any(existing.event_type is entry.event_type for existing in same):
                 msg = f"queued listener {entry.id!r} is already registered for {entry.event_type!r}"
                 raise ConfigurationError(msg)
+            new_queue = entry.queue_name not in self.queue_names
             same.append(entry)
             self.events.register(entry.event_type)
+            if new_queue:
+                for watcher in self._queue_watchers:
+                    watcher(entry.queue_name)
         self._listeners.append(entry)
         self._by_type.setdefault(entry.event_type, []).append(entry)
         self._cache.clear()
         self.generation += 1
         return entry
+
+    def watch_queues(self, watcher: Callable[[str], object]) -> None:
+        """Call ``watcher(name)`` whenever a registration adds a work queue to :attr:`queue_names`.
+
+        The app uses it so that a listener registered after its transport was created gets its queue
+        declared before the next publish, instead of that publish failing as unroutable.
+        """
+        self._queue_watchers.append(watcher)
 
     def _type_of(self, service_id: str) -> type | None:
         type_of = getattr(self.container, "type_of", None)

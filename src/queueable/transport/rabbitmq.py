@@ -624,8 +624,9 @@ class RabbitMQTransport:
         await transport.close()
 
     ``queues`` are the work queues whose topology (queue, dead-letter queue, bindings) is declared before the
-    first publish, once per transport. Messages for any other queue are published as they are and fail as
-    unroutable unless something else declared that queue.
+    first publish, once per transport; :meth:`add_queue` adds one later (declared before the next publish).
+    Messages for any other queue are published as they are and fail as unroutable unless something else
+    declared that queue.
     """
 
     def __init__(self, settings: Settings, *, queues: Iterable[str] = ()) -> None:
@@ -649,6 +650,13 @@ class RabbitMQTransport:
         self._tags = itertools.count(1)
         self._deadlines = _Deadlines()
         self._underlay: aiormq.Channel | None = None  # the publishing channel's current aiormq channel
+
+    def add_queue(self, name: str) -> None:
+        """Declare the topology of work queue ``name`` too, before the next publish (``App`` calls this when a
+        listener with a new ``queue_name`` is registered after the transport was created).
+        """
+        if name not in self.queues:
+            self.queues.append(name)
 
     # -- connection --------------------------------------------------------------------------------
 
