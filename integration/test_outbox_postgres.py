@@ -168,3 +168,83 @@ async def test_rows_of_a_relay_that_died_after_claiming_are_published_after_the_
 
     assert sorted(await drain_ids(world.url, world.queue, expected=5)) == sorted(ids)
     assert count(engine, table) == 0
+
+
+@pytest.fixture(name="short_listen_retry")
+def fixture_short_listen_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("queueable.outbox._relay.LISTEN_RETRY", 0.2)
+
+
+async def _relay_until(relay: Relay, done: asyncio.Future[None]) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await done
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_commit_wakes_a_listening_relay_long_before_its_next_poll(
+    engine: sa.Engine, table: sa.Table, outbox: Outbox, app: App, world: World
+):
+    """The writer NOTIFYs in its transaction; the relay (polling only every 60 s) publishes within seconds.
+
+    Rows written while the relay was busy wake it too (psycopg keeps the notification), and a rolled-back
+    transaction sends no notification and no row.
+    """
+    await app.transport.connect()  # type: ignore[attr-defined] # declares the work queue drain_ids reads
+    relay = Relay(engine, app.transport, table=table, interval=60)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    running = asyncio.create_task(_relay_until(relay, done))
+    try:
+        await asyncio.sleep(0.5)  # the relay has claimed nothing and is waiting
+        ids = await fill(engine, outbox, app, 3)
+        assert sorted(await drain_ids(world.url, world.queue, expected=3, timeout=10)) == sorted(ids)
+        with Session(engine) as session:
+            session.begin()
+            await outbox.dispatch(session, Job(id="rolled-back"))
+            session.rollback()
+        ids = await fill(engine, outbox, app, 2)
+        assert sorted(await drain_ids(world.url, world.queue, expected=2, timeout=10)) == sorted(ids)
+        assert count(engine, table) == 0
+    finally:
+        done.set_result(None)
+        await running
+
+
+@pytest.mark.usefixtures("short_listen_retry")
+async def test_a_relay_whose_listen_connection_is_killed_keeps_relaying_and_listens_again(
+    engine: sa.Engine, table: sa.Table, outbox: Outbox, app: App, world: World
+):
+    """pg_terminate_backend on the LISTEN connection: the relay polls meanwhile, then reopens it."""
+    await app.transport.connect()  # type: ignore[attr-defined]
+    relay = Relay(engine, app.transport, table=table, interval=1.0)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    running = asyncio.create_task(_relay_until(relay, done))
+    try:
+        await asyncio.sleep(0.5)
+        with engine.connect() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE query = :listen AND pid <> pg_backend_pid()"
+                ),
+                {"listen": f'LISTEN "{table.name}"'},
+            ).all()
+        assert killed == [(True,)]
+        ids = await fill(engine, outbox, app, 2)  # found by the poll, or by the reopened LISTEN
+        assert sorted(await drain_ids(world.url, world.queue, expected=2, timeout=10)) == sorted(ids)
+        for _ in range(50):  # listening again
+            with engine.connect() as conn:
+                listening = conn.execute(
+                    sa.text("SELECT count(*) FROM pg_stat_activity WHERE query = :listen"),
+                    {"listen": f'LISTEN "{table.name}"'},
+                ).scalar_one()
+            if listening:
+                break
+            await asyncio.sleep(0.1)
+        assert listening == 1
+    finally:
+        done.set_result(None)
+        await running

@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session
 
 from queueable import App, PublishError, SerializationError, listener
 from queueable import _wire as wire
-from queueable.outbox import OUTBOX, Outbox, Relay, from_row, metadata
+from queueable.outbox import OUTBOX, Outbox, Relay, from_row, metadata, outbox_table
+from queueable.outbox._relay import _Wakeup
+from queueable.outbox._table import notify_channel
 from queueable.sync import SyncDispatcher
 from queueable.testing import TestTransport
 from tests.fakes import Broken, CommentPosted, Recorder
@@ -395,3 +397,14 @@ def test_the_relay_command_reports_a_bad_database_url(app_module: str):
     result = CliRunner().invoke(main, ["relay", app_module, "--db", "nosuchdb://x/y"])
     assert result.exit_code == 5
     assert "cannot use database URL" in result.output
+
+
+def test_the_notify_channel_is_the_tables_qualified_name():
+    """Writers NOTIFY and relays LISTEN on the same channel: the table's name, with its schema if any."""
+    assert notify_channel(OUTBOX) == "queueable_outbox"
+    assert notify_channel(outbox_table(sa.MetaData(), "events", schema="app")) == "app.events"
+
+
+def test_a_relay_on_sqlite_polls(engine: sa.Engine):
+    """No LISTEN/NOTIFY outside PostgreSQL: the relay has nothing to listen with."""
+    assert _Wakeup.for_engine(engine, "queueable_outbox") is None

@@ -52,7 +52,13 @@ Exit codes: 0 stopped cleanly (signal, or --once drained the outbox), 3 broker u
     default=0.5,
     show_default=True,
     metavar="SECONDS",
-    help="Pause between polls when the outbox is empty.",
+    help="Pause between polls when the outbox is empty. On PostgreSQL a commit that wrote rows wakes the relay "
+    "at once (LISTEN/NOTIFY); the poll is then the fallback.",
+)
+@click.option(
+    "--no-listen",
+    is_flag=True,
+    help="Poll only, no LISTEN (PostgreSQL behind a transaction-pooling PgBouncer cannot deliver notifications).",
 )
 @click.option(
     "--lease",
@@ -91,6 +97,7 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
     interval: float,
     lease: float,
     retry_delay: float,
+    no_listen: bool,
     once: bool,
     create_table: bool,
     log_level: str,
@@ -102,8 +109,9 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
     Claims batches atomically (FOR UPDATE SKIP LOCKED on PostgreSQL, a write-locked claim on SQLite), so
     several relays can run at once; publishes each batch to RabbitMQ (--url or QUEUEABLE_URL) with publisher
     confirms; deletes a row only after its message is confirmed. A relay killed mid-batch loses nothing: its
-    rows are published again, with the same message ids, once the lease expires. SIGTERM or SIGINT finishes
-    the current batch and exits.
+    rows are published again, with the same message ids, once the lease expires. On PostgreSQL it LISTENs
+    for the writers' NOTIFY, sent at commit, and claims at once; otherwise it polls every --interval.
+    SIGTERM or SIGINT finishes the current batch and exits.
     """
     loaded, settings = resolve_settings(app, url)
     assert loaded is not None
@@ -135,6 +143,7 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
         lease=lease,
         interval=interval,
         retry_delay=retry_delay,
+        listen=not no_listen,
     )
     configure_logging(log_level, log_format)
     try:

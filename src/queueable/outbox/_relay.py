@@ -21,6 +21,11 @@ then ``transport.publish(batch)`` (returns only when the broker confirmed every 
   ``message_id``, so listeners can detect the duplicate.
 - A batch the broker rejects is retried message by message; a message that still fails goes back to the table
   with ``last_error`` and is retried after an exponential backoff, without holding up the others.
+- Waking up: on PostgreSQL (psycopg 3) the relay ``LISTEN``s on the table's channel, and the writer's
+  ``pg_notify`` (sent in the writing transaction, so at commit) wakes it at once. ``interval`` stays the
+  fallback poll, for rows that become available later (a retry's backoff, an expired lease) and for any time
+  the listening connection is down (it is reopened, at most every ``LISTEN_RETRY`` seconds). Elsewhere the
+  relay polls every ``interval``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, delete, func, select, update
 
-from queueable.outbox._table import OUTBOX, from_row
+from queueable.outbox._table import OUTBOX, from_row, notify_channel
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -51,6 +56,10 @@ __all__ = ["Relay", "RelayResult"]
 log = logging.getLogger("queueable.relay")
 
 MAX_ERROR = 2_000
+#: Seconds between attempts to reopen the LISTEN connection (polling goes on meanwhile).
+LISTEN_RETRY = 5.0
+#: The longest a wait for a notification runs before the stop event is looked at again.
+_LISTEN_SLICE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,7 @@ class Relay:
         max_retry_delay: float = 300.0,
         relay_id: str | None = None,
         clock: Callable[[], float] = time.time,
+        listen: bool = True,
     ) -> None:
         if batch_size < 1 or lease <= 0 or interval < 0:
             msg = "batch_size must be >= 1, lease > 0 and interval >= 0"
@@ -97,6 +107,7 @@ class Relay:
         self.max_retry_delay = max_retry_delay
         self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.clock = clock
+        self.listen = listen
         self._sqlite = self.engine.dialect.name == "sqlite"
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -106,16 +117,24 @@ class Relay:
         retried after ``interval``.
         """
         stop = stop or asyncio.Event()
+        wakeup = _Wakeup.for_engine(self.engine, notify_channel(self.table)) if self.listen else None
         log.info("relay %s started on %s", self.relay_id, self.table.name)
-        while not stop.is_set():
-            try:
-                result = await self.run_once()
-            except Exception:
-                log.exception("relay round failed; retrying in %.1f s", max(self.interval, 1.0))
-                await _wait(stop, max(self.interval, 1.0))
-                continue
-            if result.claimed < self.batch_size:
-                await _wait(stop, self.interval)
+        try:
+            while not stop.is_set():
+                try:
+                    result = await self.run_once()
+                except Exception:
+                    log.exception("relay round failed; retrying in %.1f s", max(self.interval, 1.0))
+                    await _wait(stop, max(self.interval, 1.0))
+                    continue
+                if result.claimed < self.batch_size:
+                    if wakeup is None:
+                        await _wait(stop, self.interval)
+                    else:
+                        await wakeup.wait(stop, self.interval)
+        finally:
+            if wakeup is not None:
+                await wakeup.close()
         log.info("relay %s stopped", self.relay_id)
 
     async def drain(self) -> int:
@@ -235,3 +254,95 @@ class Relay:
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+class _Wakeup:
+    """A PostgreSQL connection that ``LISTEN``s on the outbox's channel; :meth:`wait` returns at a notification.
+
+    Its own psycopg 3 connection (autocommit, used for nothing else), so notifications that arrive while the
+    relay is busy wait in psycopg's backlog and wake the next :meth:`wait` at once. A lost connection is
+    logged and reopened later; until then :meth:`wait` just sleeps, and polling carries on.
+    """
+
+    def __init__(self, conninfo: str, channel: str) -> None:
+        self._conninfo = conninfo
+        self.channel = channel
+        self._conn: Any = None
+        self._retry_at = 0.0
+
+    @classmethod
+    def for_engine(cls, engine: Engine, channel: str) -> _Wakeup | None:
+        """A wakeup for ``engine``'s database, or ``None`` if it is not PostgreSQL with psycopg 3 installed."""
+        if engine.dialect.name != "postgresql":
+            return None
+        try:
+            import psycopg  # noqa: F401, PLC0415 - optional: only the PostgreSQL relay needs it
+        except ImportError:
+            log.info("psycopg 3 is not installed: the relay polls instead of listening")
+            return None
+        conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return cls(conninfo, channel)
+
+    async def wait(self, stop: asyncio.Event, timeout: float) -> None:
+        """Return at the first notification, when ``stop`` is set, or after ``timeout`` seconds."""
+        import psycopg  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            conn = await self._connection()
+            if conn is None:
+                await _wait(stop, left)
+                return
+            woken = False
+            try:
+                # stop_after=1 ends the generator by itself, which releases the connection's lock.
+                async for _ in conn.notifies(timeout=min(left, _LISTEN_SLICE), stop_after=1):
+                    woken = True
+            except psycopg.Error as exc:
+                log.warning("the relay's LISTEN connection failed (%s); polling until it is back", exc)
+                await self._drop()
+                continue
+            if woken:
+                return
+
+    async def _connection(self) -> Any:
+        import psycopg  # noqa: PLC0415
+        from psycopg import sql  # noqa: PLC0415
+
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        self._conn = None
+        if time.monotonic() < self._retry_at:
+            return None
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            try:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            except BaseException:
+                await conn.close()
+                raise
+        except psycopg.Error as exc:
+            self._retry_at = time.monotonic() + LISTEN_RETRY
+            log.warning("the relay cannot LISTEN on %r (%s); polling, trying again in %g s", self.channel, exc,
+                        LISTEN_RETRY)  # fmt: skip
+            return None
+        log.info("relay listening on channel %r", self.channel)
+        self._conn = conn
+        return conn
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self._retry_at = time.monotonic() + LISTEN_RETRY
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        """Close the listening connection."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()

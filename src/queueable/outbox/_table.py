@@ -15,6 +15,10 @@ last_error
 ==============  ==========================================================================================
 
 A row is deleted once the broker confirmed its message.
+
+On PostgreSQL the writer also sends ``NOTIFY`` on :func:`notify_channel` in the same transaction, so the
+notification goes out at commit (and never for a rollback); relays ``LISTEN`` on it and claim at once instead
+of waiting for their next poll.
 """
 
 from __future__ import annotations
@@ -107,3 +111,8 @@ def from_row(row: Mapping[str, Any]) -> OutgoingMessage:
         content_type=row["content_type"],
         type=row["message_type"],
     )
+
+
+def notify_channel(table: Table) -> str:
+    """The PostgreSQL notification channel of ``table``: its (schema-qualified) name."""
+    return f"{table.schema}.{table.name}" if table.schema else table.name

@@ -6,11 +6,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Self, TypeGuard, TypeVar, cast
 
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 
 from queueable._app import App
 from queueable._dispatcher import EventDispatcher, close_scope, open_scope
-from queueable.outbox._table import OUTBOX, to_row
+from queueable.outbox._table import OUTBOX, notify_channel, to_row
 
 if TYPE_CHECKING:
     import contextvars
@@ -94,9 +94,14 @@ class Outbox:
         return [to_row(message, now) for message in messages]
 
     def write(self, target: Session | Connection, messages: Sequence[OutgoingMessage]) -> None:
-        """Insert ``messages`` through a sync ``Session`` or ``Connection`` (in its current transaction)."""
+        """Insert ``messages`` through a sync ``Session`` or ``Connection`` (in its current transaction).
+
+        On PostgreSQL, also ``pg_notify`` the table's channel: delivered at commit, it wakes the relays.
+        """
         if messages:
             target.execute(insert(self.table), self.rows(messages))
+            if _dialect_name(target) == "postgresql":
+                target.execute(self._notify)
 
     async def write_async(self, target: Target, messages: Sequence[OutgoingMessage]) -> None:
         """Insert ``messages`` through any supported target, awaiting an async one."""
@@ -104,8 +109,15 @@ class Outbox:
             return
         if _is_async(target):
             await target.execute(insert(self.table), self.rows(messages))
+            if _dialect_name(target) == "postgresql":
+                await target.execute(self._notify)
         else:
             self.write(cast("Session | Connection", target), messages)
+
+    @property
+    def _notify(self) -> Any:
+        # PostgreSQL folds the notifications of one transaction on the same channel and payload into one.
+        return select(func.pg_notify(notify_channel(self.table), ""))
 
     def __repr__(self) -> str:
         return f"<Outbox table={self.table.name!r}>"
@@ -168,6 +180,14 @@ class OutboxScope:
         tb: TracebackType | None,
     ) -> None:
         await self.outbox.write_async(self.target, self._close(exc))
+
+
+def _dialect_name(target: Target) -> str:
+    """The SQL dialect behind a Session, Connection, AsyncSession or AsyncConnection."""
+    dialect = getattr(target, "dialect", None)  # Connection, AsyncConnection
+    if dialect is None:
+        dialect = target.get_bind().dialect  # type: ignore[union-attr] # Session, AsyncSession
+    return str(dialect.name)
 
 
 def _is_async(target: Target) -> TypeGuard[AsyncSession | AsyncConnection]:
