@@ -394,3 +394,31 @@ async def test_a_queue_registered_after_the_first_publish_is_declared_before_its
         await channel.declare_queue(unique + ".other.dead", passive=True)  # its dead-letter queue exists too
     finally:
         await app.close()
+
+
+async def test_a_run_time_queue_that_conflicts_fails_alone(settings, admin, unique):
+    """A queue registered at run time that exists with other arguments: its messages fail with PublishError,
+    and publishing to the app's other queues goes on (it used to make every publish raise).
+    """
+
+    class Early(BaseModel):
+        n: int
+
+    class Late(BaseModel):
+        n: int
+
+    async def noop(event: BaseModel) -> None: ...
+
+    channel = await admin.channel()
+    await channel.declare_queue(unique + ".other", durable=True, arguments={"x-queue-type": "classic"})
+    app = App(settings=settings)
+    app.add_listener(noop, Early, queue=True, id="tests:early")
+    try:
+        await app.dispatch(Early(n=1))
+        app.add_listener(noop, Late, queue=True, id="tests:late", queue_name=unique + ".other")
+        with pytest.raises(PublishError):
+            await app.dispatch(Late(n=2))
+        await app.dispatch(Early(n=3))
+        assert [json.loads(m.body)["n"] for m in await drain(admin, unique)] == [1, 3]
+    finally:
+        await app.close()

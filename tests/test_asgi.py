@@ -20,7 +20,7 @@ from queueable.asgi import DeferredDispatchMiddleware
 from tests.fakes import Broken, CommentPosted, RecordingTransport
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     from starlette.requests import Request
 
@@ -164,10 +164,10 @@ async def test_a_failed_publish_after_the_response_is_logged_and_reported(
     assert "message ids" in caplog.text
 
 
-async def test_an_event_its_model_rejects_is_refused_after_the_response_and_reported(
-    provider: ListenerProvider, gated: GatedTransport, caplog: pytest.LogCaptureFixture
-):
-    """Validation runs after the response: the bad message is logged and reported, the request's others go."""
+async def post_a_bad_and_a_good_event(
+    provider: ListenerProvider, gated: GatedTransport, on_publish_error: Callable[..., object]
+) -> int:
+    """One request dispatching an event its model rejects, then a good one; the response status."""
     provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
     provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
     dispatcher = EventDispatcher(provider, gated)
@@ -178,23 +178,29 @@ async def test_an_event_its_model_rejects_is_refused_after_the_response_and_repo
         await dispatcher.dispatch(CommentPosted(post_id=1, author="ann", text="hi"))
         return JSONResponse({"ok": True})
 
-    failures: list[tuple[Exception, list[str]]] = []
     app = Starlette(
         routes=[Route("/", handler, methods=["POST"])],
         middleware=[
-            Middleware(
-                DeferredDispatchMiddleware,
-                dispatcher=dispatcher,
-                on_publish_error=lambda exc, messages: failures.append(
-                    (exc, [m.headers["x-queueable-listener"] for m in messages])
-                ),
-            )
+            Middleware(DeferredDispatchMiddleware, dispatcher=dispatcher, on_publish_error=on_publish_error)
         ],
     )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        response = await client.post("/")
+    return response.status_code
+
+
+async def test_an_event_its_model_rejects_is_refused_after_the_response_and_reported(
+    provider: ListenerProvider, gated: GatedTransport, caplog: pytest.LogCaptureFixture
+):
+    """Validation runs after the response: the bad message is logged and reported, the request's others go."""
+    failures: list[tuple[Exception, list[str]]] = []
     with caplog.at_level(logging.ERROR, logger="queueable.asgi"):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
-            response = await client.post("/")
-    assert response.status_code == 200
+        status = await post_a_bad_and_a_good_event(
+            provider,
+            gated,
+            lambda exc, messages: failures.append((exc, [m.headers["x-queueable-listener"] for m in messages])),
+        )
+    assert status == 200
     assert [m.headers["x-queueable-listener"] for m in gated.messages] == ["mailer:notify_author"]
     assert [(type(exc), ids) for exc, ids in failures] == [(SerializationError, ["broken"])]
     assert "its own model rejects" in caplog.text
@@ -225,3 +231,18 @@ async def test_non_http_scopes_pass_through(dispatcher: EventDispatcher):
     middleware = DeferredDispatchMiddleware(inner, dispatcher)
     await middleware({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
     assert seen == ["lifespan"]
+
+
+async def test_a_raising_on_publish_error_is_logged_and_the_good_messages_still_go(
+    provider: ListenerProvider, gated: GatedTransport, caplog: pytest.LogCaptureFixture
+):
+    """The callback runs after the publish, and an exception in it never escapes the middleware."""
+
+    def callback(exc: Exception, messages: Sequence[OutgoingMessage]) -> None:
+        msg = "callback bug"
+        raise RuntimeError(msg)
+
+    with caplog.at_level(logging.ERROR, logger="queueable.asgi"):
+        assert await post_a_bad_and_a_good_event(provider, gated, callback) == 200
+    assert [m.headers["x-queueable-listener"] for m in gated.messages] == ["mailer:notify_author"]
+    assert "on_publish_error raised" in caplog.text

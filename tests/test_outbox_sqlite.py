@@ -408,3 +408,21 @@ def test_the_notify_channel_is_the_tables_qualified_name():
 def test_a_relay_on_sqlite_polls(engine: sa.Engine):
     """No LISTEN/NOTIFY outside PostgreSQL: the relay has nothing to listen with."""
     assert _Wakeup.for_engine(engine, "queueable_outbox") is None
+
+
+def test_a_long_notify_channel_is_cut_to_postgres_limit_the_same_way_every_time():
+    """pg_notify refuses channel names over 63 bytes; writer and relay must still agree on one."""
+
+    def channel(length: int) -> str:
+        return notify_channel(outbox_table(sa.MetaData(), "outbox_" + "x" * length, schema="tenant_" + "é" * 10))
+
+    assert len(channel(60).encode()) <= 63
+    assert channel(60) == channel(60)
+    assert channel(60) != channel(61)
+
+
+async def test_a_session_bound_per_table_writes_the_outbox(engine: sa.Engine, outbox: Outbox):
+    """A Session with binds={table: engine} and no default bind: the write finds the outbox table's bind."""
+    with Session(binds={OUTBOX: engine}) as session, session.begin():
+        await outbox.dispatch(session, COMMENT)
+    assert len(rows(engine)) == 1

@@ -185,3 +185,16 @@ def test_watchers_hear_of_each_new_work_queue_once(provider: ListenerProvider):
     provider.add_listener(lambda e: None, PostPublished, queue=True, id="b", queue_name="mail")
     provider.add_listener(lambda e: None, CommentPosted, id="in-process")
     assert heard == ["mail"]
+
+
+def test_a_watcher_that_raises_leaves_the_listener_fully_registered(provider: ListenerProvider):
+    """Watchers run after the registration is complete; their error propagates but registers nothing twice."""
+
+    def broken(name: str) -> None:
+        raise RuntimeError(name)
+
+    provider.watch_queues(broken)
+    with pytest.raises(RuntimeError, match="mail"):
+        provider.add_listener(lambda e: None, CommentPosted, queue=True, id="a", queue_name="mail")
+    assert [entry.id for entry in provider.listeners_for(CommentPosted(post_id=1, author="a", text="t"))] == ["a"]
+    assert provider.queued("a")

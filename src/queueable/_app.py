@@ -67,6 +67,7 @@ class App:
         )
         self._transport: Transport | None = None
         self._dispatcher: EventDispatcher | None = None
+        self.provider.watch_queues(self._on_new_queue)
 
     # -- registration shortcuts --------------------------------------------------------------------
 
@@ -142,9 +143,13 @@ class App:
         except ImportError as exc:  # pragma: no cover - aio-pika is a hard dependency
             msg = f"cannot use {mask_url(settings.url)}: {exc}"
             raise ConfigurationError(msg) from exc
-        transport = RabbitMQTransport(settings, queues=self.provider.queue_names)
-        self.provider.watch_queues(transport.add_queue)
-        return transport
+        return RabbitMQTransport(settings, queues=self.provider.queue_names)
+
+    def _on_new_queue(self, name: str) -> None:
+        """A listener with a new queue_name was registered: the current transport declares it before use."""
+        add_queue = getattr(self._transport, "add_queue", None)
+        if add_queue is not None:
+            add_queue(name)
 
     async def close(self) -> None:
         """Close the transport (in embedded mode, after queued listeners finished)."""

@@ -393,8 +393,10 @@ class EventDispatcher:
 
         In-process listeners still run at dispatch time. When the block raises, the buffer is discarded
         (``discard_on_error=False`` publishes it anyway, then the exception propagates). A nested scope hands
-        its messages to the enclosing one, so they are published when the outermost scope ends. The scope is a
-        context variable: concurrent tasks each have their own.
+        its messages to the enclosing one, unvalidated, so they are validated and published when the outermost
+        scope ends, and a refused message is reported there (under the ASGI middleware: logged and passed to
+        ``on_publish_error``), not when the nested block exits. The scope is a context variable: concurrent
+        tasks each have their own.
         """
         return Deferred(self, discard_on_error=discard_on_error)
 

@@ -326,13 +326,15 @@ class ListenerProvider:
             new_queue = entry.queue_name not in self.queue_names
             same.append(entry)
             self.events.register(entry.event_type)
-            if new_queue:
-                for watcher in self._queue_watchers:
-                    watcher(entry.queue_name)
+        else:
+            new_queue = False
         self._listeners.append(entry)
         self._by_type.setdefault(entry.event_type, []).append(entry)
         self._cache.clear()
         self.generation += 1
+        if new_queue:  # after the registration is complete: a watcher that raises leaves no half-registration
+            for watcher in self._queue_watchers:
+                watcher(entry.queue_name)
         return entry
 
     def watch_queues(self, watcher: Callable[[str], object]) -> None:

@@ -54,7 +54,9 @@ class DeferredDispatchMiddleware:
 
     ``dispatcher`` is the :class:`~queueable.App` (its current dispatcher is used on each request) or an
     :class:`~queueable.EventDispatcher`. ``discard_status``: responses with this status or higher count as
-    failed (default 500). ``on_publish_error(exc, messages)`` is called when the post-response publish fails.
+    failed (default 500). ``on_publish_error(exc, messages)`` is called when the post-response publish fails
+    (``PublishError``) and for messages refused at the flush because their JSON fails validation
+    (``SerializationError``); an exception it raises is logged, never propagated.
     """
 
     def __init__(
@@ -109,26 +111,30 @@ class DeferredDispatchMiddleware:
         messages: list[OutgoingMessage],
         rejected: SerializationError | None,
     ) -> None:
+        """Publish ``messages``, then report the refused ones; nothing here raises (the response is gone)."""
+        if messages:
+            transport = dispatcher.transport
+            assert transport is not None  # checked when the messages were buffered
+            try:
+                await transport.publish(messages)
+            except Exception as exc:
+                log.exception(
+                    "publishing %d event message(s) after the response failed; message ids: %s",
+                    len(messages),
+                    ", ".join(m.message_id for m in messages),
+                )
+                self._report(exc, messages)
         if rejected is not None:
             log.error("%s", rejected)
             self._report(rejected, rejected.messages)
-        if not messages:
-            return
-        transport = dispatcher.transport
-        assert transport is not None  # checked when the messages were buffered
-        try:
-            await transport.publish(messages)
-        except Exception as exc:
-            log.exception(
-                "publishing %d event message(s) after the response failed; message ids: %s",
-                len(messages),
-                ", ".join(m.message_id for m in messages),
-            )
-            self._report(exc, messages)
 
     def _report(self, exc: Exception, messages: Sequence[OutgoingMessage]) -> None:
-        if self.on_publish_error is not None:
+        if self.on_publish_error is None:
+            return
+        try:
             self.on_publish_error(exc, messages)
+        except Exception:
+            log.exception("on_publish_error raised")
 
     def __repr__(self) -> str:
         return f"<DeferredDispatchMiddleware app={self.app!r} discard_on_error={self.discard_on_error}>"

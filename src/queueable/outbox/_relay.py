@@ -128,14 +128,22 @@ class Relay:
                     await _wait(stop, max(self.interval, 1.0))
                     continue
                 if result.claimed < self.batch_size:
-                    if wakeup is None:
-                        await _wait(stop, self.interval)
-                    else:
-                        await wakeup.wait(stop, self.interval)
+                    await self._idle(stop, wakeup)
         finally:
             if wakeup is not None:
                 await wakeup.close()
         log.info("relay %s stopped", self.relay_id)
+
+    async def _idle(self, stop: asyncio.Event, wakeup: _Wakeup | None) -> None:
+        """Wait ``interval`` seconds, or less if a notification arrives (never raises: polling is the floor)."""
+        if wakeup is None:
+            await _wait(stop, self.interval)
+            return
+        try:
+            await wakeup.wait(stop, self.interval)
+        except Exception:
+            log.exception("waiting for outbox notifications failed; polling")
+            await _wait(stop, self.interval)
 
     async def drain(self) -> int:
         """Relay until no row is available now; return how many messages were published."""
@@ -259,90 +267,123 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 class _Wakeup:
     """A PostgreSQL connection that ``LISTEN``s on the outbox's channel; :meth:`wait` returns at a notification.
 
-    Its own psycopg 3 connection (autocommit, used for nothing else), so notifications that arrive while the
-    relay is busy wait in psycopg's backlog and wake the next :meth:`wait` at once. A lost connection is
-    logged and reopened later; until then :meth:`wait` just sleeps, and polling carries on.
+    The connection comes from the relay's own engine (so ``connect_args``, a ``creator`` or a ``do_connect``
+    hook apply as for its claims), is detached from the pool, set to autocommit and used for nothing else;
+    notifications that arrive while the relay is busy wait in psycopg's backlog and wake the next :meth:`wait`
+    at once. psycopg's blocking ``notifies()`` runs in a worker thread, in slices of ``_LISTEN_SLICE`` seconds
+    so that ``stop`` is seen. Connecting also runs in a thread and is never waited for past the caller's
+    timeout. A failed or lost connection is logged and tried again after ``LISTEN_RETRY`` seconds; meanwhile
+    :meth:`wait` just sleeps, and polling carries on.
     """
 
-    def __init__(self, conninfo: str, channel: str) -> None:
-        self._conninfo = conninfo
+    def __init__(self, engine: Engine, channel: str) -> None:
+        self.engine = engine
         self.channel = channel
-        self._conn: Any = None
+        self._conn: Any = None  # the listening psycopg connection, detached from the engine's pool
+        self._connecting: asyncio.Future[Any] | None = None
         self._retry_at = 0.0
 
     @classmethod
     def for_engine(cls, engine: Engine, channel: str) -> _Wakeup | None:
-        """A wakeup for ``engine``'s database, or ``None`` if it is not PostgreSQL with psycopg 3 installed."""
-        if engine.dialect.name != "postgresql":
+        """A wakeup for ``engine``'s database, or ``None`` unless it is PostgreSQL through psycopg 3."""
+        if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
+            if engine.dialect.name == "postgresql":
+                log.info("the relay polls: LISTEN needs the psycopg (3) driver, not %s", engine.dialect.driver)
             return None
-        try:
-            import psycopg  # noqa: F401, PLC0415 - optional: only the PostgreSQL relay needs it
-        except ImportError:
-            log.info("psycopg 3 is not installed: the relay polls instead of listening")
-            return None
-        conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return cls(conninfo, channel)
+        return cls(engine, channel)
 
     async def wait(self, stop: asyncio.Event, timeout: float) -> None:
         """Return at the first notification, when ``stop`` is set, or after ``timeout`` seconds."""
-        import psycopg  # noqa: PLC0415
-
         deadline = time.monotonic() + timeout
         while not stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            conn = await self._connection()
+            conn = await self._connection(min(left, _LISTEN_SLICE))
             if conn is None:
-                await _wait(stop, left)
-                return
-            woken = False
-            try:
-                # stop_after=1 ends the generator by itself, which releases the connection's lock.
-                async for _ in conn.notifies(timeout=min(left, _LISTEN_SLICE), stop_after=1):
-                    woken = True
-            except psycopg.Error as exc:
-                log.warning("the relay's LISTEN connection failed (%s); polling until it is back", exc)
-                await self._drop()
+                await _wait(stop, min(left, _LISTEN_SLICE))
                 continue
-            if woken:
-                return
-
-    async def _connection(self) -> Any:
-        import psycopg  # noqa: PLC0415
-        from psycopg import sql  # noqa: PLC0415
-
-        if self._conn is not None and not self._conn.closed:
-            return self._conn
-        self._conn = None
-        if time.monotonic() < self._retry_at:
-            return None
-        try:
-            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
             try:
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-            except BaseException:
-                await conn.close()
-                raise
-        except psycopg.Error as exc:
+                if await asyncio.to_thread(_next_notification, conn, min(left, _LISTEN_SLICE)):
+                    return
+            except Exception as exc:  # any failure of the listening connection: poll instead
+                log.warning("the relay's LISTEN connection failed (%s); polling until it is back", _brief(exc))
+                self._drop()
+
+    async def _connection(self, patience: float) -> Any:
+        """The listening connection; ``None`` while it is being (re)opened or after a failure."""
+        if self._conn is not None:
+            return self._conn
+        if self._connecting is None:
+            if time.monotonic() < self._retry_at:
+                return None
+            self._connecting = asyncio.ensure_future(asyncio.to_thread(self._open))
+        with contextlib.suppress(Exception):  # a timeout, or the failure that result() raises below
+            await asyncio.wait_for(asyncio.shield(self._connecting), patience)
+        if not self._connecting.done():
+            return None
+        connecting, self._connecting = self._connecting, None
+        try:
+            self._conn = connecting.result()
+        except Exception as exc:  # the database is down, refuses us, ...: poll meanwhile
             self._retry_at = time.monotonic() + LISTEN_RETRY
-            log.warning("the relay cannot LISTEN on %r (%s); polling, trying again in %g s", self.channel, exc,
-                        LISTEN_RETRY)  # fmt: skip
+            log.warning(
+                "the relay cannot LISTEN on %r (%s); polling, trying again in %g s",
+                self.channel,
+                _brief(exc),
+                LISTEN_RETRY,
+            )
             return None
         log.info("relay listening on channel %r", self.channel)
-        self._conn = conn
+        return self._conn
+
+    def _open(self) -> Any:
+        """Check a psycopg connection out of the engine, detach it from the pool and LISTEN (in a thread)."""
+        from psycopg import sql  # noqa: PLC0415 - the driver is psycopg (for_engine checked)
+
+        raw = self.engine.raw_connection()
+        conn: Any = raw.driver_connection
+        raw.detach()  # never back to the pool with a LISTEN on it: closing it closes it
+        try:
+            conn.rollback()  # out of any transaction, so that autocommit can be set
+            conn.autocommit = True
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
         return conn
 
-    async def _drop(self) -> None:
+    def _drop(self) -> None:
         conn, self._conn = self._conn, None
         self._retry_at = time.monotonic() + LISTEN_RETRY
         if conn is not None:
             with contextlib.suppress(Exception):
-                await conn.close()
+                conn.close()
 
     async def close(self) -> None:
-        """Close the listening connection."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        """Close the listening connection (and one still being opened, once it is)."""
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
             with contextlib.suppress(Exception):
-                await conn.close()
+                conn = await connecting
+                conn.close()
+        self._drop()
+
+
+def _next_notification(conn: Any, timeout: float) -> bool:
+    """Whether a notification arrived on ``conn`` within ``timeout`` seconds (blocking; run in a thread).
+
+    ``stop_after=1`` ends psycopg's generator by itself, which releases the connection's lock.
+    """
+    woken = False
+    for _ in conn.notifies(timeout=timeout, stop_after=1):
+        woken = True
+    return woken
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception on one line, without a DBAPI error's SQL or parameters."""
+    orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's error
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return f"{type(orig if orig is not None else exc).__name__}: {text[0] if text else ''}"

@@ -23,6 +23,7 @@ of waiting for their next poll.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -113,6 +114,18 @@ def from_row(row: Mapping[str, Any]) -> OutgoingMessage:
     )
 
 
+#: PostgreSQL's longest identifier in bytes (NAMEDATALEN - 1): a longer channel name is an error for pg_notify.
+_MAX_CHANNEL_BYTES = 63
+
+
 def notify_channel(table: Table) -> str:
-    """The PostgreSQL notification channel of ``table``: its (schema-qualified) name."""
-    return f"{table.schema}.{table.name}" if table.schema else table.name
+    """The PostgreSQL notification channel of ``table``: its (schema-qualified) name.
+
+    A name over 63 bytes is cut and suffixed with a hash of the whole, so writers and relays agree on it.
+    """
+    name = f"{table.schema}.{table.name}" if table.schema else table.name
+    if len(name.encode()) <= _MAX_CHANNEL_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    head = name.encode()[: _MAX_CHANNEL_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}_{digest}"

@@ -48,6 +48,10 @@ class Outbox:
     block ends, hence in its transaction. ``queueable relay APP`` publishes the rows afterwards. Nothing talks
     to the broker here.
 
+    On PostgreSQL each write also runs ``pg_notify`` on the table's channel, so relays wake at the commit.
+    PostgreSQL serializes the commits of notifying transactions; under a very high rate of outbox writes,
+    ``notify=False`` trades that for the relays' polling delay.
+
     ``bind(target)`` is the scope form, for code that dispatches through the app (or a ``SyncDispatcher``)
     somewhere deeper::
 
@@ -62,10 +66,12 @@ class Outbox:
         *,
         table: Table = OUTBOX,
         clock: Callable[[], float] = time.time,
+        notify: bool = True,
     ) -> None:
         self.target = dispatcher
         self.table = table
         self.clock = clock
+        self.notify = notify
 
     @property
     def dispatcher(self) -> EventDispatcher:
@@ -100,7 +106,7 @@ class Outbox:
         """
         if messages:
             target.execute(insert(self.table), self.rows(messages))
-            if _dialect_name(target) == "postgresql":
+            if self.notify and _dialect_name(target, self.table) == "postgresql":
                 target.execute(self._notify)
 
     async def write_async(self, target: Target, messages: Sequence[OutgoingMessage]) -> None:
@@ -109,7 +115,7 @@ class Outbox:
             return
         if _is_async(target):
             await target.execute(insert(self.table), self.rows(messages))
-            if _dialect_name(target) == "postgresql":
+            if self.notify and _dialect_name(target, self.table) == "postgresql":
                 await target.execute(self._notify)
         else:
             self.write(cast("Session | Connection", target), messages)
@@ -182,11 +188,11 @@ class OutboxScope:
         await self.outbox.write_async(self.target, self._close(exc))
 
 
-def _dialect_name(target: Target) -> str:
-    """The SQL dialect behind a Session, Connection, AsyncSession or AsyncConnection."""
+def _dialect_name(target: Target, table: Table) -> str:
+    """The SQL dialect that ``target`` (Session, Connection, AsyncSession, AsyncConnection) uses for ``table``."""
     dialect = getattr(target, "dialect", None)  # Connection, AsyncConnection
-    if dialect is None:
-        dialect = target.get_bind().dialect  # type: ignore[union-attr] # Session, AsyncSession
+    if dialect is None:  # Session, AsyncSession: the bind for this table (a session may bind tables apart)
+        dialect = target.get_bind(clause=table).dialect  # type: ignore[union-attr]
     return str(dialect.name)
 
 

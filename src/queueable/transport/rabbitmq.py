@@ -645,6 +645,7 @@ class RabbitMQTransport:
         self._connect_lock = asyncio.Lock()
         self._declare_lock = asyncio.Lock()
         self._declared: set[str] = set()  # work queues whose topology this process declared
+        self._added: set[str] = set()  # work queues added after construction (add_queue)
         self._delay_declared: dict[str, float] = {}  # delay queue name -> monotonic time of its declaration
         self._closed = False
         self._tags = itertools.count(1)
@@ -657,6 +658,7 @@ class RabbitMQTransport:
         """
         if name not in self.queues:
             self.queues.append(name)
+            self._added.add(name)
 
     # -- connection --------------------------------------------------------------------------------
 
@@ -683,7 +685,7 @@ class RabbitMQTransport:
                     if self._channel is None:
                         await self._open()
                     if not self._declared.issuperset(self.queues):
-                        await self.declare_topology(self.queues)
+                        await self._declare_queues()
                 except (_CredentialsRefusedError, _UnreachableError):
                     raise
                 except _SETUP_FAILURES as exc:
@@ -751,6 +753,28 @@ class RabbitMQTransport:
                 await connection.close()
 
     # -- topology ----------------------------------------------------------------------------------
+
+    async def _declare_queues(self) -> None:
+        """Declare the topology of ``queues`` not declared yet.
+
+        A queue added at run time (:meth:`add_queue`) is declared on its own: if it exists with other arguments
+        (``ConfigurationError``), it is logged and dropped, so that publishing to every other queue goes on
+        (its own messages then fail as unroutable, with ``PublishError``). The queues given at construction
+        raise, as before any publish.
+        """
+        missing = [name for name in self.queues if name not in self._declared]
+        await self.declare_topology([name for name in missing if name not in self._added])
+        for name in missing:
+            if name not in self._added:
+                continue
+            try:
+                await self.declare_topology([name])
+            except ConfigurationError as exc:
+                self.queues.remove(name)
+                self._added.discard(name)
+                log.error(  # noqa: TRY400 - the reason is the message; a traceback would be noise
+                    "cannot declare queue %r, registered at run time; its messages will fail: %s", name, exc
+                )
 
     async def declare_topology(self, queues: Iterable[str] | None = None) -> list[QueueSpec]:
         """Declare the exchange and, for each work queue, the queue, its dead-letter queue and bindings.
