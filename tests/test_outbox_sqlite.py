@@ -273,7 +273,10 @@ async def test_two_relays_at_once_publish_every_row_exactly_once(
         for n in range(200):
             await outbox.dispatch(session, CommentPosted(post_id=n, author="a", text="t"))
 
-    relays = [Relay(engine, transport, batch_size=7, interval=0) for _ in range(3)]
+    # Each publish takes a moment, as a broker's confirm does, so that the relays' claims interleave; with an
+    # instant publish one relay may drain everything before the others' first claim (and the test flaked).
+    slow = SlowPublish(transport)
+    relays = [Relay(engine, slow, batch_size=7, interval=0) for _ in range(3)]  # type: ignore[arg-type]
     counts = await asyncio.gather(*(relay.drain() for relay in relays))
 
     ids = [m.message_id for m in published(transport)]
@@ -282,6 +285,20 @@ async def test_two_relays_at_once_publish_every_row_exactly_once(
     assert sum(counts) == 200
     assert sum(1 for c in counts if c) >= 2  # the work really was shared
     assert rows(engine) == []
+
+
+class SlowPublish:
+    """Publishes through ``inner`` after a pause of a few milliseconds."""
+
+    def __init__(self, inner: TestTransport) -> None:
+        self.inner = inner
+
+    async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        await asyncio.sleep(0.003)
+        await self.inner.publish(messages)
+
+    async def close(self) -> None:
+        pass
 
 
 class PickyTransport:
