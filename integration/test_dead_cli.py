@@ -15,9 +15,11 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -802,6 +804,67 @@ async def test_status_finds_delay_queues(quorum_world: World) -> None:
         assert rows[2]["kind"] == "delay"
         assert rows[2]["ready"] == 1
     finally:
+        channel = await world.connection.channel()
+        await channel.queue_delete(world.queue + ".delay.64000")
+        await channel.close()
+
+
+#: The real management API of the test broker (``.ci/run`` enables the plugin on the local one).
+MANAGEMENT_URL = os.environ.get("QUEUEABLE_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
+
+
+async def test_status_with_the_management_api_adds_unacked_counts_and_delay_queues(quorum_world: World) -> None:
+    """Against RabbitMQ's real management API: unacked counts of a consumer holding deliveries, and the delay
+    queue listed without probing the ladder. (Its statistics lag by up to the collection interval: poll.)
+    """
+    world = quorum_world
+    management = urllib.parse.urlsplit(MANAGEMENT_URL)
+    try:
+        socket.create_connection((management.hostname, management.port or 15672), timeout=2).close()
+    except OSError as exc:
+        pytest.fail(
+            f"RabbitMQ's management API at {management.hostname}:{management.port} does not answer ({exc}): "
+            "rabbitmq-plugins enable rabbitmq_management, or set QUEUEABLE_TEST_MANAGEMENT_URL",
+            pytrace=False,
+        )
+    await world.kill([OrderPlaced(id="o1")], {"mail", "charge"})
+    transport = RabbitMQTransport(world.settings, queues=[world.queue])
+    try:
+        await transport.publish(
+            [OutgoingMessage(queue=world.queue, body=b"{}", headers={H_LISTENER: "mail"}) for _ in range(3)]
+        )
+        await transport.publish_retry(
+            OutgoingMessage(queue=world.queue, body=b"{}", headers={H_LISTENER: "mail"}), 60
+        )
+    finally:
+        await transport.close()
+    holder = await world.connection.channel()
+    await holder.set_qos(prefetch_count=2)
+    work = await holder.declare_queue(world.queue, passive=True)
+
+    async def hold(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        pass  # never acked: the broker counts them unacked
+
+    tag = await work.consume(hold)
+    try:
+        rows: dict[str, dict[str, Any]] = {}
+        for _ in range(60):  # the management API's statistics refresh every few seconds
+            result = await asyncio.to_thread(cli, world, "status", "--json", "--management-url", MANAGEMENT_URL)
+            assert result.returncode == 0, result.stderr
+            rows = {row["queue"]: row for row in json_lines(result.stdout)}
+            if rows.get(world.queue, {}).get("unacked") == 2 and world.queue + ".delay.64000" in rows:
+                break
+            await asyncio.sleep(0.5)
+        assert rows[world.queue]["unacked"] == 2  # the consumer's prefetch, held
+        assert rows[world.queue]["consumers"] == 1
+        assert rows[world.queue]["ready"] >= 1
+        assert rows[world.dead]["ready"] == 2
+        assert rows[world.dead]["unacked"] == 0
+        assert rows[world.queue + ".delay.64000"]["kind"] == "delay"
+        assert rows[world.queue + ".delay.64000"]["ready"] == 1
+    finally:
+        await work.cancel(tag)
+        await holder.close()
         channel = await world.connection.channel()
         await channel.queue_delete(world.queue + ".delay.64000")
         await channel.close()
