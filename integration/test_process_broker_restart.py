@@ -199,3 +199,30 @@ async def test_sigterm_while_the_broker_is_down_still_exits_within_the_shutdown_
     assert code >= 0, f"killed by signal {-code}:\n{world.outputs()}"
     # Nothing is in flight, so nothing justifies waiting past the shutdown timeout (2 s) for an absent broker.
     assert elapsed < 2 + 2, f"took {elapsed:.1f} s to exit:\n{world.outputs()}"
+
+
+async def test_a_long_outage_logs_a_few_lines_not_one_per_reconnect_attempt(
+    rabbit_node: RabbitNode, private_world: World
+) -> None:
+    """The worker keeps reconnecting every second while the broker is down, but says so only a few times."""
+    world = private_world
+    consumer = await world.start()
+    app = await world.app()
+    await app.dispatch(Job(id="before"))
+    await world.until_handled(["before"], timeout=10)
+    await app.close()
+
+    await asyncio.to_thread(rabbit_node.stop)
+    await asyncio.sleep(8)
+    await asyncio.to_thread(rabbit_node.start)
+    app = await world.app()
+    await app.dispatch(Job(id="after"))
+    await world.until_handled(["after"], timeout=30)
+    await app.close()
+    consumer.signal(signal.SIGTERM)
+    assert await consumer.wait(timeout=30) == 0
+    output = consumer.output()
+    attempts = [line for line in output.splitlines() if "Connection attempt to" in line]
+    # About eight failed attempts (one a second): the first is shown, the rest within the minute are not.
+    assert len(attempts) == 1, output
+    assert "reconnected to" in output

@@ -192,3 +192,30 @@ def test_public_submodules_export_what_they_document():
     assert hasattr(sync, "SyncDispatcher")
     assert hasattr(outbox, "Outbox")
     assert {"TestTransport", "ManualClock", "MemoryTransport"} <= set(testing.__all__)
+
+
+def test_quiet_repeats_lets_one_library_line_through_per_window_and_counts_the_rest():
+    """Runs of the same aio-pika/aiormq line collapse; queueable's own lines and other templates pass."""
+    import logging  # noqa: PLC0415
+
+    from queueable.cli._common import QuietRepeats  # noqa: PLC0415
+
+    now = [0.0]
+    quiet = QuietRepeats(window=60, clock=lambda: now[0])
+
+    def record(name: str, msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, args, None)
+
+    attempt = "Connection attempt to %s failed: %s"
+    assert quiet.filter(record("aio_pika.robust_connection", attempt, "amqp://h", "refused"))
+    for second in range(1, 60):
+        now[0] = second
+        assert not quiet.filter(record("aio_pika.robust_connection", attempt, "amqp://h", "refused"))
+        assert quiet.filter(record("queueable.worker", "still here"))
+    assert quiet.filter(record("aiormq.connection", "error when creating transport: %r", "refused"))
+    now[0] = 60
+    shown = record("aio_pika.robust_connection", attempt, "amqp://h", "timeout")
+    assert quiet.filter(shown)
+    assert shown.getMessage() == (
+        "Connection attempt to amqp://h failed: timeout [59 more like this since the last one shown]"
+    )

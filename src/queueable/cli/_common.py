@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -149,11 +150,45 @@ def configure_logging(level: str, fmt: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(QuietRepeats())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aio_pika").setLevel(max(root.level, logging.WARNING))
     logging.getLogger("aiormq").setLevel(max(root.level, logging.WARNING))
+
+
+class QuietRepeats(logging.Filter):
+    """Collapses runs of the same aio-pika/aiormq log line: the first one, then one per ``window`` seconds.
+
+    While the broker is down, aio-pika's robust connection retries every second and it and aiormq log two
+    lines per attempt: 7,200 lines an hour of outage. A line is "the same" when it comes from the same logger
+    with the same level and message template (its arguments, such as the error, may differ). The line let
+    through after a quiet spell says how many were dropped. queueable's own lines are never filtered; it logs
+    "reconnected" when the connection is back.
+    """
+
+    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window = window
+        self.clock = clock
+        self._runs: dict[tuple[str, int, str], list[float | int]] = {}  # key -> [last let through, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("aio_pika", "aiormq")):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        run = self._runs.get(key)
+        if run is not None and now - run[0] < self.window:
+            run[1] += 1
+            return False
+        dropped = int(run[1]) if run is not None else 0
+        self._runs[key] = [now, 0]
+        if dropped:
+            # Appended to the template, so that the record's own %-arguments still apply; no % in it.
+            record.msg = f"{record.msg} [{dropped} more like this since the last one shown]"
+        return True
 
 
 class JsonFormatter(logging.Formatter):
