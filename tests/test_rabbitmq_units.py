@@ -451,3 +451,31 @@ async def test_ack_cancelled_midway_is_still_sent():
         await task
     await asyncio.sleep(ACK_WAIT * 5)
     assert channel.frames == [("ack", 1, False)]
+
+
+async def test_start_consuming_retries_a_broker_that_is_still_starting(monkeypatch: pytest.MonkeyPatch):
+    """A node that closes the connection (INTERNAL_ERROR) while its quorum queues come up is tried again until
+    the connect timeout, instead of the worker exiting at the first failure; past the timeout, ConnectionError.
+    """
+    from queueable.transport import rabbitmq  # noqa: PLC0415
+
+    monkeypatch.setattr(rabbitmq, "_RETRY_PAUSE", 0.01)
+    transport = RabbitMQTransport(Settings(url="amqp://guest:secret@localhost/", connect_timeout=0.5))
+    attempts: list[int] = []
+
+    async def flaky(queues: object, *, prefetch: int, deliver: object) -> None:
+        attempts.append(prefetch)
+        if len(attempts) < 3:
+            raise ConnectionError("INTERNAL_ERROR")
+
+    monkeypatch.setattr(transport, "_start_consuming", flaky)
+    await transport.start_consuming(["jobs"], prefetch=8, deliver=print)
+    assert attempts == [8, 8, 8]
+
+    async def never(queues: object, *, prefetch: int, deliver: object) -> None:
+        raise ConnectionError("INTERNAL_ERROR")
+
+    monkeypatch.setattr(transport, "_start_consuming", never)
+    with pytest.raises(ConnectionError, match="cannot consume from RabbitMQ") as caught:
+        await transport.start_consuming(["jobs"], prefetch=8, deliver=print)
+    assert "secret" not in str(caught.value)

@@ -113,7 +113,7 @@ from queueable._wire import H_DEAD_REASON, IncomingMessage, OutgoingMessage, new
 from queueable.errors import ConfigurationError, PublishError, TransportClosedError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
     from aio_pika.abc import (
         AbstractIncomingMessage,
@@ -678,27 +678,36 @@ class RabbitMQTransport:
             raise TransportClosedError("the RabbitMQ transport is closed")
         if self._channel is not None and self._declared.issuperset(self.queues):
             return
-        deadline = time.monotonic() + self.settings.connect_timeout
         async with self._connect_lock:
-            while True:
-                try:
-                    if self._channel is None:
-                        await self._open()
-                    if not self._declared.issuperset(self.queues):
-                        await self._declare_queues()
-                except (_CredentialsRefusedError, _UnreachableError):
-                    raise
-                except _SETUP_FAILURES as exc:
-                    # A node that is still starting answers INTERNAL_ERROR to quorum declarations and drops
-                    # the connection; while the robust connection reconnects, aio-pika raises RuntimeError
-                    # ("... closed") for a new channel. Declare again until the deadline.
-                    if self._closed or time.monotonic() >= deadline:
-                        msg = f"cannot set up RabbitMQ at {mask_url(self._url)}: {_describe(exc, self._url)}"
-                        raise ConnectionError(msg) from _safe_cause(exc, self._url)
-                    log.debug("connect or declare failed, retrying: %s", scrub(str(exc), self._url))
-                    await asyncio.sleep(_RETRY_PAUSE)
-                else:
-                    return
+            await self._retrying_setup(self._connect_once, "cannot set up RabbitMQ at")
+
+    async def _connect_once(self) -> None:
+        if self._channel is None:
+            await self._open()
+        if not self._declared.issuperset(self.queues):
+            await self._declare_queues()
+
+    async def _retrying_setup(self, attempt: Callable[[], Awaitable[None]], failure: str) -> None:
+        """Run ``attempt`` until it succeeds or ``Settings.connect_timeout`` has passed (then ConnectionError).
+
+        A node that is still starting answers INTERNAL_ERROR to quorum declarations and drops the connection;
+        while the robust connection reconnects, aio-pika raises RuntimeError ("... closed") for a new channel.
+        Both are tried again; refused credentials and an unreachable broker are not.
+        """
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            try:
+                await attempt()
+            except (_CredentialsRefusedError, _UnreachableError):
+                raise
+            except _SETUP_FAILURES as exc:
+                if self._closed or time.monotonic() >= deadline:
+                    msg = f"{failure} {mask_url(self._url)}: {_describe(exc, self._url)}"
+                    raise ConnectionError(msg) from _safe_cause(exc, self._url)
+                log.debug("%s %s failed, retrying: %s", failure, mask_url(self._url), scrub(str(exc), self._url))
+                await asyncio.sleep(_RETRY_PAUSE)
+            else:
+                return
 
     async def _open(self) -> None:
         deadline = time.monotonic() + self.settings.connect_timeout
@@ -993,27 +1002,49 @@ class RabbitMQTransport:
 
         ``deliver(incoming, token)`` is called for every delivery, on the event loop; ``token`` is what
         :meth:`ack` and :meth:`nack` take. Consumers are restored by the robust connection after a reconnect.
+
+        A broker that is still starting (it closes the connection with INTERNAL_ERROR while its quorum queues
+        come up) or drops the connection meanwhile is retried from scratch until ``Settings.connect_timeout``,
+        as :meth:`connect` does; then ``ConnectionError``.
         """
+        await self._retrying_setup(
+            functools.partial(self._start_consuming, queues, prefetch=prefetch, deliver=deliver),
+            "cannot consume from RabbitMQ at",
+        )
+
+    async def _start_consuming(
+        self, queues: Sequence[str], *, prefetch: int, deliver: Callable[..., None]
+    ) -> None:
+        """One attempt of :meth:`start_consuming`; on failure its channel is closed and nothing stays behind."""
         connection = await self._require_connection()
         channel = await connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=prefetch)
-        self._consume_channel = channel
+        consumers: list[tuple[AbstractRobustQueue, str]] = []
         self._ack_batch = max(prefetch // 4, 1)  # a quarter of the prefetch window waits for its ack at most
-        host = socket.gethostname()
-        specs = {spec.name: spec for spec in topology_for(self.settings, queues)}
-        # Declared robustly on the consuming channel, so that the robust connection restores the exchange, the
-        # queue *and its binding* before re-consuming (after a reconnect to a wiped node, or a deleted queue).
-        exchange = await channel.declare_exchange(
-            self.settings.exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
-        for name in queues:
-            queue = await channel.declare_queue(name, durable=True, arguments=specs[name].arguments)
-            await queue.bind(exchange, name)
-            tag = f"queueable.{host}.{os.getpid()}.{next(self._tags)}.{name}"
-            consumer = _Consumer(name, tag, deliver, self._track)
-            await queue.consume(consumer.on_message, consumer_tag=tag)
-            consumer.install(await channel.get_underlay_channel())
-            self._consumers.append((queue, tag))
+        try:
+            await channel.set_qos(prefetch_count=prefetch)
+            host = socket.gethostname()
+            specs = {spec.name: spec for spec in topology_for(self.settings, queues)}
+            # Declared robustly on the consuming channel, so that the robust connection restores the exchange,
+            # the queue *and its binding* before re-consuming (after a reconnect to a wiped node, or a deleted
+            # queue).
+            exchange = await channel.declare_exchange(
+                self.settings.exchange, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            for name in queues:
+                queue = await channel.declare_queue(name, durable=True, arguments=specs[name].arguments)
+                await queue.bind(exchange, name)
+                tag = f"queueable.{host}.{os.getpid()}.{next(self._tags)}.{name}"
+                consumer = _Consumer(name, tag, deliver, self._track)
+                await queue.consume(consumer.on_message, consumer_tag=tag)
+                consumer.install(await channel.get_underlay_channel())
+                consumers.append((queue, tag))
+        except BaseException:
+            # Closing the channel cancels what it consumed and stops aio-pika from restoring it later.
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
+        self._consume_channel = channel
+        self._consumers.extend(consumers)
 
     async def stop_consuming(self) -> None:
         """Cancel the consumers: the broker sends no more deliveries (a few may still be in flight).
