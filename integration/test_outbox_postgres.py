@@ -248,3 +248,14 @@ async def test_a_relay_whose_listen_connection_is_killed_keeps_relaying_and_list
     finally:
         done.set_result(None)
         await running
+
+
+async def test_a_session_that_binds_the_outbox_table_apart_writes_and_notifies(
+    engine: sa.Engine, table: sa.Table, outbox: Outbox
+):
+    """Session(binds={table: engine}) with no default bind: the INSERT and the table-less pg_notify both find
+    their bind.
+    """
+    with Session(binds={table: engine}) as session, session.begin():
+        await outbox.dispatch(session, Job(id="bound-apart"))
+    assert count(engine, table) == 1

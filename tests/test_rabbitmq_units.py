@@ -479,3 +479,35 @@ async def test_start_consuming_retries_a_broker_that_is_still_starting(monkeypat
     with pytest.raises(ConnectionError, match="cannot consume from RabbitMQ") as caught:
         await transport.start_consuming(["jobs"], prefetch=8, deliver=print)
     assert "secret" not in str(caught.value)
+
+
+async def test_setup_does_not_retry_refused_access_and_runs_nested_setups_once(monkeypatch: pytest.MonkeyPatch):
+    """ACCESS_REFUSED is a configuration problem (no retry); a setup inside another runs once, one deadline."""
+    import aiormq.exceptions  # noqa: PLC0415
+
+    from queueable.transport import rabbitmq  # noqa: PLC0415
+
+    monkeypatch.setattr(rabbitmq, "_RETRY_PAUSE", 0.01)
+    transport = RabbitMQTransport(Settings(url="amqp://guest:secret@localhost/", connect_timeout=0.3))
+    calls: list[str] = []
+
+    async def refused() -> None:
+        calls.append("refused")
+        raise aiormq.exceptions.ChannelAccessRefused("ACCESS_REFUSED - no read access")
+
+    with pytest.raises(ConfigurationError, match="refused access"):
+        await transport._retrying_setup(refused, "cannot consume from")
+    assert calls == ["refused"]
+
+    async def inner() -> None:
+        calls.append("inner")
+        raise ConnectionError("INTERNAL_ERROR")
+
+    async def outer() -> None:
+        await transport._retrying_setup(inner, "cannot set up")
+
+    calls.clear()
+    with pytest.raises(ConnectionError, match=r"^cannot consume from amqp://guest:\*\*\*@localhost/: ") as caught:
+        await transport._retrying_setup(outer, "cannot consume from")
+    assert "cannot set up" not in str(caught.value)  # the inner setup did not retry and wrap on its own
+    assert len(calls) >= 2

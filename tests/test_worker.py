@@ -190,15 +190,33 @@ async def test_failed_outcome_publish_nacks_the_original(app):
 
 
 async def test_lost_delivery_publishes_nothing(app):
-    """When the delivery's channel died meanwhile, no copy is published (the broker redelivers the original)."""
+    """When the delivery's channel died while its listener ran, no copy is published (the broker redelivers
+    the original).
+    """
+    transport = ScriptedTransport()
+    worker, task = await run_with(app, transport)
+    assert transport.deliver is not None
+    transport.deliver(incoming(Job(id="f", fail=True, seconds=0.05)), "t1")
+    await asyncio.sleep(0.02)  # the listener is running
+    transport.held = False
+    await asyncio.sleep(0.1)
+    worker.stop()
+    await task
+    assert app.seen == ["f"]  # type: ignore[attr-defined]
+    assert transport.settled() == []
+
+
+async def test_a_delivery_whose_channel_closed_before_it_ran_is_not_run(app):
+    """The broker requeued it with its channel: running it too would run the listener twice."""
     transport = ScriptedTransport()
     transport.held = False
     worker, task = await run_with(app, transport)
     assert transport.deliver is not None
-    transport.deliver(incoming(Job(id="f", fail=True)), "t1")
+    transport.deliver(incoming(Job(id="stale")), "t1")
     await asyncio.sleep(0.05)
     worker.stop()
     await task
+    assert app.seen == []  # type: ignore[attr-defined]
     assert transport.settled() == []
 
 

@@ -247,10 +247,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         while True:
             incoming, token = await buffer.get()
-            # _stop, not only _stopping: a limit hit by a worker task sets _stop, and the next buffered delivery
-            # can arrive before run() wakes up to set _stopping; it must go back, not be handled past the limit.
-            if self._stopping or self._stop.is_set() or (max_messages is not None and self._taken >= max_messages):
-                await self._settle(token, ack=False)
+            if not await self._admit(incoming, token):
                 continue
             self._taken += 1
             if max_messages is not None and self._taken >= max_messages:
@@ -283,6 +280,21 @@ class Worker:
                 if rss is not None and rss > memory_limit:
                     log.warning("memory limit reached: %.0f MB > %d MB", rss, memory_limit)
                     self.stop(StopReason.MEMORY_LIMIT)
+
+    async def _admit(self, incoming: _wire.IncomingMessage, token: Any) -> bool:
+        """Whether a buffered delivery may run now; if not, it goes back to the broker (or already went)."""
+        max_messages = self.options.max_messages
+        # _stop, not only _stopping: a limit hit by a worker task sets _stop, and the next buffered delivery
+        # can arrive before run() wakes up to set _stopping; it must go back, not be handled past the limit.
+        if self._stopping or self._stop.is_set() or (max_messages is not None and self._taken >= max_messages):
+            await self._settle(token, ack=False)
+            return False
+        if not self.transport.is_held(token):
+            # Its channel closed while it waited here (a connection drop, a consumer set-up attempt that failed):
+            # the broker requeued it, and it comes again. Running it now would run it twice.
+            log.debug("message %s: its channel closed before it ran; it comes again", incoming.message_id)
+            return False
+        return True
 
     async def _apply(
         self, outcome: Handled | RetryLater | DeadLetter, incoming: _wire.IncomingMessage, token: Any

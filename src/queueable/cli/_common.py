@@ -174,8 +174,11 @@ class QuietRepeats(logging.Filter):
         self.clock = clock
         self._runs: dict[tuple[str, int, str], list[float | int]] = {}  # key -> [last let through, dropped]
 
+    _LIBRARIES = ("aio_pika", "aiormq")
+    _MAX_RUNS = 1_000  # templates remembered; a library that logs pre-formatted text cannot grow this forever
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(("aio_pika", "aiormq")):
+        if record.name.split(".", 1)[0] not in self._LIBRARIES:
             return True
         key = (record.name, record.levelno, str(record.msg))
         now = self.clock()
@@ -184,6 +187,8 @@ class QuietRepeats(logging.Filter):
             run[1] += 1
             return False
         dropped = int(run[1]) if run is not None else 0
+        if len(self._runs) >= self._MAX_RUNS and run is None:
+            self._runs.clear()
         self._runs[key] = [now, 0]
         if dropped:
             # Appended to the template, so that the record's own %-arguments still apply; no % in it.

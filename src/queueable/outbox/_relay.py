@@ -281,6 +281,7 @@ class _Wakeup:
         self.channel = channel
         self._conn: Any = None  # the listening psycopg connection, detached from the engine's pool
         self._connecting: asyncio.Future[Any] | None = None
+        self._listening: asyncio.Future[bool] | None = None  # the thread waiting in notifies(), if any
         self._retry_at = 0.0
 
     @classmethod
@@ -300,11 +301,19 @@ class _Wakeup:
             if left <= 0:
                 return
             conn = await self._connection(min(left, _LISTEN_SLICE))
+            left = deadline - time.monotonic()  # connecting took some of it
+            if left <= 0:
+                return
             if conn is None:
                 await _wait(stop, min(left, _LISTEN_SLICE))
                 continue
+            # The thread keeps the connection until it returns, even if this task is cancelled meanwhile:
+            # close() waits for it before closing the connection under it.
+            self._listening = asyncio.ensure_future(
+                asyncio.to_thread(_next_notification, conn, min(left, _LISTEN_SLICE))
+            )
             try:
-                if await asyncio.to_thread(_next_notification, conn, min(left, _LISTEN_SLICE)):
+                if await asyncio.shield(self._listening):
                     return
             except Exception as exc:  # any failure of the listening connection: poll instead
                 log.warning("the relay's LISTEN connection failed (%s); polling until it is back", _brief(exc))
@@ -362,13 +371,26 @@ class _Wakeup:
                 conn.close()
 
     async def close(self) -> None:
-        """Close the listening connection (and one still being opened, once it is)."""
+        """Close the listening connection, after the thread waiting on it returned (a slice at most).
+
+        A connection still being opened is closed when it arrives, without holding the shutdown up.
+        """
+        listening, self._listening = self._listening, None
+        if listening is not None and not listening.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(listening), _LISTEN_SLICE + 1)
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
-            with contextlib.suppress(Exception):
-                conn = await connecting
-                conn.close()
+            connecting.add_done_callback(_close_result)
         self._drop()
+
+
+def _close_result(future: asyncio.Future[Any]) -> None:
+    """Close the connection a finished opening attempt produced (none if it failed or was cancelled)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    with contextlib.suppress(Exception):
+        future.result().close()
 
 
 def _next_notification(conn: Any, timeout: float) -> bool:

@@ -107,7 +107,7 @@ class Outbox:
         if messages:
             target.execute(insert(self.table), self.rows(messages))
             if self.notify and _dialect_name(target, self.table) == "postgresql":
-                target.execute(self._notify)
+                target.execute(self._notify, **self._bind_of(target))
 
     async def write_async(self, target: Target, messages: Sequence[OutgoingMessage]) -> None:
         """Insert ``messages`` through any supported target, awaiting an async one."""
@@ -116,9 +116,13 @@ class Outbox:
         if _is_async(target):
             await target.execute(insert(self.table), self.rows(messages))
             if self.notify and _dialect_name(target, self.table) == "postgresql":
-                await target.execute(self._notify)
+                await target.execute(self._notify, **self._bind_of(target))
         else:
             self.write(cast("Session | Connection", target), messages)
+
+    def _bind_of(self, target: Target) -> dict[str, Any]:
+        # SELECT pg_notify(...) names no table: a session that binds tables apart must be told which bind.
+        return {"bind_arguments": {"clause": self.table}} if hasattr(target, "get_bind") else {}
 
     @property
     def _notify(self) -> Any:

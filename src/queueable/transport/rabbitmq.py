@@ -81,6 +81,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import contextvars
 import functools
 import itertools
 import logging
@@ -554,6 +555,9 @@ _CONNECT_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, TimeoutError)
 #: Failures while connecting and declaring that a retry may cure (aio-pika raises RuntimeError for a channel
 #: requested while the robust connection is reconnecting).
 _SETUP_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, RuntimeError)
+#: Set while a retrying setup runs in this context, so that setups nested in it (connect() inside the start of
+#: consuming, declarations inside connect()) run once and leave the retrying to the outermost.
+_SETTING_UP: contextvars.ContextVar[bool] = contextvars.ContextVar("queueable_setting_up", default=False)
 
 
 class _CredentialsRefusedError(ConnectionRefusedError):
@@ -692,22 +696,36 @@ class RabbitMQTransport:
 
         A node that is still starting answers INTERNAL_ERROR to quorum declarations and drops the connection;
         while the robust connection reconnects, aio-pika raises RuntimeError ("... closed") for a new channel.
-        Both are tried again; refused credentials and an unreachable broker are not.
+        Both are tried again; refused credentials, refused access (``ConfigurationError``) and an unreachable
+        broker are not. Inside another retrying setup (connect() called while consuming starts, say) the attempt
+        runs once: the outer loop retries, under one deadline.
         """
-        deadline = time.monotonic() + self.settings.connect_timeout
-        while True:
-            try:
-                await attempt()
-            except (_CredentialsRefusedError, _UnreachableError):
-                raise
-            except _SETUP_FAILURES as exc:
-                if self._closed or time.monotonic() >= deadline:
-                    msg = f"{failure} {mask_url(self._url)}: {_describe(exc, self._url)}"
-                    raise ConnectionError(msg) from _safe_cause(exc, self._url)
-                log.debug("%s %s failed, retrying: %s", failure, mask_url(self._url), scrub(str(exc), self._url))
-                await asyncio.sleep(_RETRY_PAUSE)
-            else:
-                return
+        if _SETTING_UP.get():
+            await attempt()
+            return
+        token = _SETTING_UP.set(True)
+        try:
+            deadline = time.monotonic() + self.settings.connect_timeout
+            while True:
+                try:
+                    await attempt()
+                except (_CredentialsRefusedError, _UnreachableError):
+                    raise
+                except aiormq.exceptions.ChannelAccessRefused as exc:
+                    msg = f"RabbitMQ at {mask_url(self._url)} refused access: {_describe(exc, self._url)}"
+                    raise ConfigurationError(msg) from _safe_cause(exc, self._url)
+                except _SETUP_FAILURES as exc:
+                    if self._closed or time.monotonic() >= deadline:
+                        msg = f"{failure} {mask_url(self._url)}: {_describe(exc, self._url)}"
+                        raise ConnectionError(msg) from _safe_cause(exc, self._url)
+                    log.debug(
+                        "%s %s failed, retrying: %s", failure, mask_url(self._url), scrub(str(exc), self._url)
+                    )
+                    await asyncio.sleep(_RETRY_PAUSE)
+                else:
+                    return
+        finally:
+            _SETTING_UP.reset(token)
 
     async def _open(self) -> None:
         deadline = time.monotonic() + self.settings.connect_timeout
@@ -768,8 +786,8 @@ class RabbitMQTransport:
 
         A queue added at run time (:meth:`add_queue`) is declared on its own: if it exists with other arguments
         (``ConfigurationError``), it is logged and dropped, so that publishing to every other queue goes on
-        (its own messages then fail as unroutable, with ``PublishError``). The queues given at construction
-        raise, as before any publish.
+        (its own messages then fail with ``PublishError`` as unroutable, unless something else bound that
+        routing key). The queues given at construction raise, as before any publish.
         """
         missing = [name for name in self.queues if name not in self._declared]
         await self.declare_topology([name for name in missing if name not in self._added])
@@ -793,7 +811,9 @@ class RabbitMQTransport:
         """
         names = list(dict.fromkeys(self.queues if queues is None else queues))
         specs = topology_for(self.settings, names)
-        await self._declare(specs, exchange=True)
+        await self._retrying_setup(
+            functools.partial(self._declare, specs, exchange=True), "cannot declare queueable's queues on"
+        )
         self._declared.update(names)
         return specs
 
@@ -801,8 +821,11 @@ class RabbitMQTransport:
         connection = await self._require_connection()
         async with self._declare_lock:
             # A channel of its own: a failed declaration closes the channel, and must not touch the publisher.
-            channel = await connection.channel(publisher_confirms=False)
+            # Awaited inside the try: a channel that fails to open is still closed, so that aio-pika's robust
+            # connection (which tracks it from creation) does not reopen it after a reconnect.
+            channel = connection.channel(publisher_confirms=False)
             try:
+                await channel
                 if exchange:
                     await channel.declare_exchange(
                         self.settings.exchange, aio_pika.ExchangeType.DIRECT, durable=True, robust=False
@@ -1017,10 +1040,11 @@ class RabbitMQTransport:
     ) -> None:
         """One attempt of :meth:`start_consuming`; on failure its channel is closed and nothing stays behind."""
         connection = await self._require_connection()
-        channel = await connection.channel(publisher_confirms=False)
+        channel = connection.channel(publisher_confirms=False)  # opened inside the try (see _declare)
         consumers: list[tuple[AbstractRobustQueue, str]] = []
         self._ack_batch = max(prefetch // 4, 1)  # a quarter of the prefetch window waits for its ack at most
         try:
+            await channel
             await channel.set_qos(prefetch_count=prefetch)
             host = socket.gethostname()
             specs = {spec.name: spec for spec in topology_for(self.settings, queues)}
@@ -1031,7 +1055,11 @@ class RabbitMQTransport:
                 self.settings.exchange, aio_pika.ExchangeType.DIRECT, durable=True
             )
             for name in queues:
-                queue = await channel.declare_queue(name, durable=True, arguments=specs[name].arguments)
+                try:
+                    queue = await channel.declare_queue(name, durable=True, arguments=specs[name].arguments)
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    msg = f"queue {name!r} already exists with other arguments than queueable's ({exc})"
+                    raise ConfigurationError(msg) from None
                 await queue.bind(exchange, name)
                 tag = f"queueable.{host}.{os.getpid()}.{next(self._tags)}.{name}"
                 consumer = _Consumer(name, tag, deliver, self._track)
