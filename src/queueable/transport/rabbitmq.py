@@ -560,6 +560,16 @@ _SETUP_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, RuntimeError)
 _SETTING_UP: contextvars.ContextVar[bool] = contextvars.ContextVar("queueable_setting_up", default=False)
 
 
+def _conflicting_queue(name: str, exc: BaseException) -> ConfigurationError:
+    """The error for a queue that exists with other arguments than queueable declares it with."""
+    msg = (
+        f"queue {name!r} already exists with other arguments than queueable's "
+        f"({exc.args[0] if exc.args else exc}). RabbitMQ cannot change them: drain and "
+        f"delete the queue, or configure queue_type / delivery_limit to match it"
+    )
+    return ConfigurationError(msg)
+
+
 class _CredentialsRefusedError(ConnectionRefusedError):
     """The broker refused the login: retrying will not help."""
 
@@ -836,12 +846,7 @@ class RabbitMQTransport:
                             spec.name, durable=True, arguments=spec.arguments, robust=False
                         )
                     except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                        msg = (
-                            f"queue {spec.name!r} already exists with other arguments than queueable's "
-                            f"({exc.args[0] if exc.args else exc}). RabbitMQ cannot change them: drain and "
-                            f"delete the queue, or configure queue_type / delivery_limit to match it"
-                        )
-                        raise ConfigurationError(msg) from None
+                        raise _conflicting_queue(spec.name, exc) from None
                     if spec.binding is not None:
                         await queue.bind(self.settings.exchange, spec.binding, robust=False)
             finally:
@@ -1058,8 +1063,7 @@ class RabbitMQTransport:
                 try:
                     queue = await channel.declare_queue(name, durable=True, arguments=specs[name].arguments)
                 except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                    msg = f"queue {name!r} already exists with other arguments than queueable's ({exc})"
-                    raise ConfigurationError(msg) from None
+                    raise _conflicting_queue(name, exc) from None
                 await queue.bind(exchange, name)
                 tag = f"queueable.{host}.{os.getpid()}.{next(self._tags)}.{name}"
                 consumer = _Consumer(name, tag, deliver, self._track)
