@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import InvalidFrameError
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
@@ -17,24 +19,28 @@ from queueable.transport.rabbitmq import (
     AckCoalescer,
     RabbitMQTransport,
     _Consumer,
+    _Shortcut,
     delivered_to_incoming,
     to_incoming,
 )
 
 
 class FakeChannel:
-    """Stands in for an aiormq channel: a consumer table, an open/closed flag, and the ack frames written."""
+    """Stands in for an aiormq channel: a consumer table, its frame queue (which the connection's reader fills
+    and the channel's reader task drains), an open/closed flag, and the ack frames written.
+    """
 
     def __init__(self) -> None:
         self.consumers: dict[str, Any] = {}
+        self.frames: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.is_closed = False
-        self.frames: list[tuple[str, int]] = []
+        self.written: list[tuple[str, int]] = []
 
     async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
-        self.frames.append(("ack", tag))
+        self.written.append(("ack", tag))
 
     async def basic_nack(self, tag: int, multiple: bool = False, requeue: bool = True, wait: bool = True) -> None:
-        self.frames.append(("nack", tag))
+        self.written.append(("nack", tag))
 
 
 def delivery(channel: Any, tag: int, *, headers: dict[str, Any] | None = None, **props: Any) -> DeliveredMessage:
@@ -147,12 +153,152 @@ async def test_acks_go_to_the_channel_that_delivered(transport):
     assert not transport.is_held(token_old)
     await transport.ack(token_old)  # a real closed aiormq channel raises here instead
     await transport.nack(token_old)
-    assert new.frames == []
-    assert old.frames == [("ack", 1), ("nack", 1)]
+    assert new.written == []
+    assert old.written == [("ack", 1), ("nack", 1)]
     token_new = delivery(new, 1)
     assert transport.is_held(token_new)
     await transport.ack(token_new)
-    assert new.frames == [("ack", 1)]
+    assert new.written == [("ack", 1)]
+
+
+# -- the shortcut from the connection's reader to the worker's consumer ------------------------------------
+
+
+def deliver_frames(tag: int, body: bytes, *, consumer: str = "tag-1", chunk: int = 0) -> list[tuple[int, Any]]:
+    """The frames of one delivery as the connection's reader puts them into a channel: (weight, frame)."""
+    frames: list[Any] = [
+        Basic.Deliver(consumer_tag=consumer, delivery_tag=tag, routing_key="q"),
+        ContentHeader(body_size=len(body), properties=Basic.Properties(message_id=f"m{tag}", headers={"h": 1})),
+    ]
+    step = chunk or len(body) or 1
+    frames += [ContentBody(body[start : start + step]) for start in range(0, len(body), step)]
+    return [(0, frame) for frame in frames]
+
+
+def installed(channel: FakeChannel) -> tuple[_Consumer, list[tuple[Any, Any]], list[tuple[Any, int]]]:
+    """A consumer registered on ``channel`` and installed, with what it handed over and tracked."""
+    delivered: list[tuple[Any, Any]] = []
+    tracked: list[tuple[Any, int]] = []
+    consumer = _Consumer("q", "tag-1", lambda *args: delivered.append(args), lambda *args: tracked.append(args))
+    channel.consumers["tag-1"] = "aio-pika's wrapper"
+    consumer.install(channel)  # type: ignore[arg-type]
+    return consumer, delivered, tracked
+
+
+async def put_all(channel: FakeChannel, frames: list[tuple[int, Any]]) -> None:
+    for item in frames:
+        await channel.frames.put(item)  # what aiormq's Connection.__reader does with every frame
+
+
+async def test_shortcut_hands_a_delivery_over_without_aiormqs_queue():
+    """Deliver, header and body are assembled at the connection's reader and handed to the worker at once."""
+    channel = FakeChannel()
+    _, delivered, tracked = installed(channel)
+    await put_all(channel, deliver_frames(1, b'{"a": 1}') + deliver_frames(2, b"{}"))
+    assert channel.frames.qsize() == 0  # nothing left for aiormq's channel reader
+    assert tracked == [(channel, 1), (channel, 2)]
+    assert [(incoming.message_id, incoming.body, incoming.headers) for incoming, _ in delivered] == [
+        ("m1", b'{"a": 1}', {"h": 1}),
+        ("m2", b"{}", {"h": 1}),
+    ]
+    token = delivered[0][1]
+    assert isinstance(token, DeliveredMessage)
+    assert token.channel is channel
+    assert token.delivery.delivery_tag == 1
+    assert _Shortcut.on(channel).taken == 2  # type: ignore[arg-type]
+
+
+async def test_shortcut_joins_a_body_split_over_frames_and_takes_an_empty_one():
+    """A body larger than the broker's frame size arrives in several frames; an empty one in none."""
+    channel = FakeChannel()
+    _, delivered, _ = installed(channel)
+    body = bytes(range(256)) * 40
+    await put_all(channel, deliver_frames(1, body, chunk=1000) + deliver_frames(2, b""))
+    assert [incoming.body for incoming, _ in delivered] == [body, b""]
+    assert channel.frames.qsize() == 0
+
+
+async def test_shortcut_does_not_disturb_frames_waiting_for_aiormq():
+    """While aiormq's channel reader is behind (frames wait in its queue, a delivery of aio-pika's wrapper among
+    them), a delivery for the installed consumer is still handed over at once, and the waiting frames stay as
+    they were, in order: under a backlog the shortcut does not fall back to aiormq's path for good.
+    """
+    channel = FakeChannel()
+    consumer, delivered, _ = installed(channel)
+    channel.consumers["tag-1"] = "aio-pika's wrapper"  # deliveries that came before the install
+    early = deliver_frames(1, b"{}")
+    await put_all(channel, early)
+    consumer.install(channel)  # type: ignore[arg-type]
+    await put_all(channel, deliver_frames(2, b"{}"))
+    assert [incoming.message_id for incoming, _ in delivered] == ["m2"]
+    assert [channel.frames.get_nowait() for _ in range(3)] == early
+    assert channel.frames.qsize() == 0
+
+
+async def test_shortcut_only_serves_consumers_that_aiormq_still_calls_it_for():
+    """Other frames, other consumers, a cancelled consumer and one that a restore replaced all go to aiormq."""
+    channel = FakeChannel()
+    _, delivered, _ = installed(channel)
+    confirm = (0, Basic.Ack(delivery_tag=1))
+    await channel.frames.put(confirm)
+    assert channel.frames.get_nowait() == confirm
+    frames = deliver_frames(1, b"{}", consumer="other")
+    await put_all(channel, frames)
+    assert [channel.frames.get_nowait() for _ in frames] == frames
+    channel.consumers["tag-1"] = "aio-pika's wrapper again"  # a restore re-registered it
+    frames = deliver_frames(2, b"{}")
+    await put_all(channel, frames)
+    assert [channel.frames.get_nowait() for _ in frames] == frames
+    del channel.consumers["tag-1"]  # cancelled
+    await put_all(channel, deliver_frames(3, b"{}"))
+    assert channel.frames.qsize() == 3
+    assert delivered == []
+
+
+async def test_shortcut_is_installed_once_per_channel():
+    """Installing consumers again (a restore, a second queue) keeps one shortcut on the channel's queue."""
+    channel = FakeChannel()
+    consumer, delivered, _ = installed(channel)
+    shortcut = _Shortcut.on(channel)  # type: ignore[arg-type]
+    consumer.install(channel)  # type: ignore[arg-type]
+    second = _Consumer("q2", "tag-2", lambda *args: delivered.append(args), lambda *_: None)
+    channel.consumers["tag-2"] = "aio-pika's wrapper"
+    second.install(channel)  # type: ignore[arg-type]
+    assert _Shortcut.on(channel) is shortcut  # type: ignore[arg-type]
+    await put_all(channel, deliver_frames(1, b"{}") + deliver_frames(2, b"{}", consumer="tag-2"))
+    assert [(incoming.queue, incoming.message_id) for incoming, _ in delivered] == [("q", "m1"), ("q2", "m2")]
+    assert shortcut.taken == 2
+
+
+async def test_shortcut_logs_a_failing_hand_over_and_goes_on(caplog):
+    """A consumer that raises is logged, as aiormq logs a failed consumer task; the channel keeps delivering."""
+    channel = FakeChannel()
+    calls: list[str] = []
+
+    def deliver(incoming: Any, _token: Any) -> None:
+        calls.append(incoming.message_id)
+        if incoming.message_id == "m1":
+            raise RuntimeError("boom")
+
+    consumer = _Consumer("q", "tag-1", deliver, lambda *_: None)
+    channel.consumers["tag-1"] = "aio-pika's wrapper"
+    consumer.install(channel)  # type: ignore[arg-type]
+    await put_all(channel, deliver_frames(1, b"{}") + deliver_frames(2, b"{}"))
+    assert calls == ["m1", "m2"]
+    assert "handing over delivery 1 failed" in caplog.text
+
+
+async def test_shortcut_rejects_frames_out_of_protocol_order():
+    """A delivery not followed by its content frames is a protocol error: the connection's reader stops."""
+    channel = FakeChannel()
+    installed(channel)
+    await channel.frames.put((0, Basic.Deliver(consumer_tag="tag-1", delivery_tag=1, routing_key="q")))
+    with pytest.raises(InvalidFrameError, match="content header"):
+        await channel.frames.put((0, Basic.Ack(delivery_tag=1)))
+    frames = deliver_frames(2, b"{}")
+    await put_all(channel, frames[:2])
+    with pytest.raises(InvalidFrameError, match="content body"):
+        await channel.frames.put((0, Basic.Ack(delivery_tag=1)))
 
 
 # -- batched acks ------------------------------------------------------------------------------------
@@ -171,9 +317,9 @@ async def test_acks_wait_for_a_full_batch():
     acks, channel = batching(range(1, 11), batch=4, delay=60)
     for tag in range(1, 4):
         await acks.ack(tag)
-    assert channel.frames == []
+    assert channel.written == []
     await acks.ack(4)
-    assert channel.frames == [("ack", 4)]  # FakeChannel records the tag: 4 with multiple, covering 1-4
+    assert channel.written == [("ack", 4)]  # FakeChannel records the tag: 4 with multiple, covering 1-4
 
 
 async def test_waiting_acks_are_written_after_the_delay():
@@ -181,9 +327,9 @@ async def test_waiting_acks_are_written_after_the_delay():
     acks, channel = batching(range(1, 11), batch=100, delay=0.001)
     await acks.ack(1)
     await acks.ack(2)
-    assert channel.frames == []
+    assert channel.written == []
     await asyncio.sleep(0.02)
-    assert channel.frames == [("ack", 2)]
+    assert channel.written == [("ack", 2)]
 
 
 async def test_a_nack_is_written_at_once_and_acks_keep_waiting():
@@ -191,10 +337,10 @@ async def test_a_nack_is_written_at_once_and_acks_keep_waiting():
     acks, channel = batching(range(1, 4), batch=100, delay=60)
     await acks.ack(1)
     await acks.nack(2)
-    assert channel.frames == [("nack", 2)]
+    assert channel.written == [("nack", 2)]
     await acks.ack(3)
     await acks.drain()
-    assert channel.frames == [("nack", 2), ("ack", 3)]  # one multiple ack over 1 and 3, past the nacked 2
+    assert channel.written == [("nack", 2), ("ack", 3)]  # one multiple ack over 1 and 3, past the nacked 2
 
 
 async def test_drain_writes_waiting_acks():
@@ -203,9 +349,9 @@ async def test_drain_writes_waiting_acks():
     await acks.ack(1)
     await acks.ack(2)
     await acks.drain()
-    assert channel.frames == [("ack", 2)]
+    assert channel.written == [("ack", 2)]
     await acks.drain()
-    assert channel.frames == [("ack", 2)]  # nothing twice
+    assert channel.written == [("ack", 2)]  # nothing twice
 
 
 async def test_delayed_flush_on_a_closed_channel_is_quiet():
