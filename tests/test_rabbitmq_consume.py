@@ -301,6 +301,68 @@ async def test_shortcut_rejects_frames_out_of_protocol_order():
         await channel.frames.put((0, Basic.Ack(delivery_tag=1)))
 
 
+class ConfirmingChannel(FakeChannel):
+    """A publishing channel: confirmations by delivery tag, resolved as aiormq's ``_confirm_delivery`` does."""
+
+    publisher_confirms = True
+
+    def __init__(self, tags: range) -> None:
+        super().__init__()
+        loop = asyncio.get_running_loop()
+        self.confirmations: dict[int, asyncio.Future[Any]] = {tag: loop.create_future() for tag in tags}
+
+    def _confirm_delivery(self, tag: int, frame: Any) -> None:
+        confirmation = self.confirmations.pop(tag)
+        if isinstance(frame, Basic.Ack):
+            confirmation.set_result(frame)
+        else:
+            confirmation.set_exception(RuntimeError(f"nacked {tag}"))
+
+
+async def test_shortcut_resolves_confirms_at_once_a_multiple_one_included():
+    """An ack resolves its publish in the reader's step; a multiple one every publish up to its tag."""
+    channel = ConfirmingChannel(range(1, 6))
+    futures = dict(channel.confirmations)
+    shortcut = _Shortcut.on(channel)  # type: ignore[arg-type]
+    await channel.frames.put((0, Basic.Ack(delivery_tag=1)))
+    assert futures[1].done()
+    assert not futures[2].done()
+    await channel.frames.put((0, Basic.Ack(delivery_tag=3, multiple=True)))
+    assert all(futures[tag].done() for tag in (2, 3))
+    await channel.frames.put((0, Basic.Nack(delivery_tag=4)))
+    with pytest.raises(RuntimeError, match="nacked 4"):
+        futures[4].result()
+    assert list(channel.confirmations) == [5]
+    assert channel.frames.qsize() == 0
+    assert shortcut.confirmed == 3
+
+
+async def test_shortcut_leaves_a_confirm_behind_waiting_frames_to_aiormq(caplog):
+    """A basic.return (unroutable) comes before the ack of its publish: while frames wait for aiormq's reader, an
+    ack waits behind them, so that the return fails the publish first. A confirm for no publish is logged.
+    """
+    channel = ConfirmingChannel(range(1, 3))
+    _Shortcut.on(channel)  # type: ignore[arg-type]
+    returned = (0, Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="x", routing_key="k"))
+    await channel.frames.put(returned)
+    ack = (0, Basic.Ack(delivery_tag=1))
+    await channel.frames.put(ack)
+    assert not channel.confirmations[1].done()
+    assert [channel.frames.get_nowait() for _ in range(2)] == [returned, ack]
+    await channel.frames.put((0, Basic.Ack(delivery_tag=9)))
+    assert "Unexpected confirmation frame" in caplog.text
+    assert channel.frames.qsize() == 0
+
+
+async def test_shortcut_takes_no_confirms_on_a_channel_without_confirm_mode():
+    """A consuming channel (no confirm mode) passes acks on to aiormq, which ignores them there."""
+    channel = FakeChannel()
+    _Shortcut.on(channel)  # type: ignore[arg-type]
+    ack = (0, Basic.Ack(delivery_tag=1))
+    await channel.frames.put(ack)
+    assert channel.frames.get_nowait() == ack
+
+
 # -- batched acks ------------------------------------------------------------------------------------
 
 
