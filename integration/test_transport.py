@@ -117,6 +117,9 @@ async def test_mixed_batch_reports_only_the_unroutable(transport, admin, unique)
         sent += good
     got = await drain(admin, unique)
     assert sorted(m.message_id for m in got) == sorted(m.message_id for m in sent)
+    underlay = transport._underlay  # nothing of the batches stays behind in aiormq's channel
+    assert underlay.message_id_delivery_tag == {}
+    assert underlay.confirmations == {}
 
 
 async def test_topology_declare_is_idempotent(transport, admin, unique):
