@@ -8,7 +8,11 @@ import time
 from typing import TYPE_CHECKING
 
 import aio_pika
+import aiormq
+import aiormq.exceptions
 import pytest
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 from pydantic import BaseModel
 
 from queueable import App, ConfigurationError, OutgoingMessage, PublishError, Settings, TransportClosedError
@@ -16,6 +20,7 @@ from queueable._wire import H_LISTENER
 from queueable.transport.rabbitmq import (
     DELAY_QUEUE_GRACE_MS,
     RabbitMQTransport,
+    _publish_batch,
     _Shortcut,
     dead_reason_of,
     delay_bucket_ms,
@@ -120,6 +125,75 @@ async def test_mixed_batch_reports_only_the_unroutable(transport, admin, unique)
     underlay = transport._underlay  # nothing of the batches stays behind in aiormq's channel
     assert underlay.message_id_delivery_tag == {}
     assert underlay.confirmations == {}
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        (Basic.Nack, Basic.Ack, {2: "DeliveryError", 3: "DeliveryError", 4: "ack"}),  # a nack is never an ack
+        (Basic.Ack, Basic.Nack, {2: "ack", 3: "ack", 4: "DeliveryError"}),  # nor an ack a nack (a duplicate)
+    ],
+)
+async def test_confirms_keep_their_order_between_aiormqs_reader_and_the_shortcut(
+    amqp_url, first, second, expected
+):
+    """On a real aiormq channel: a return and a multiple confirm that queue up for aiormq's reader, then a
+    multiple confirm that the shortcut takes. Each publish gets the outcome the broker gave it, as on aiormq's
+    own path (aiormq resolves a multiple confirm a loop iteration later; the later confirm must not overtake it).
+    """
+    connection = await aiormq.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        _Shortcut.on(channel)
+        futures = {tag: channel.create_future() for tag in range(1, 5)}
+        channel.confirmations.update(futures)
+        channel.message_id_delivery_tag["m1"] = 1
+        put = channel.frames.put  # what the connection's reader calls with each frame
+        await put((0, Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="x", routing_key="k")))
+        await put((0, ContentHeader(body_size=0, properties=Basic.Properties(message_id="m1"))))
+        await put((0, first(delivery_tag=3, multiple=True)))  # behind the return: aiormq's reader takes it
+        await asyncio.sleep(0)  # the connection's reader waits for the next read; aiormq's reader runs
+        await put((0, second(delivery_tag=4, multiple=True)))
+        await asyncio.sleep(0.05)
+        outcome = {
+            tag: "ack" if future.exception() is None else type(future.exception()).__name__
+            for tag, future in futures.items()
+        }
+        assert outcome == {1: "PublishError", **expected}
+        assert channel.confirmations == {}
+    finally:
+        await connection.close()
+
+
+async def test_rejected_and_unroutable_publishes_are_never_reported_confirmed(transport, admin, unique):
+    """Batches mixing unroutable messages (return, then ack), messages a full queue rejects (nack) and routable
+    ones, back to back for two seconds: every publish is reported as the broker answered it.
+    """
+    await transport.connect()  # declares the exchange and the work queue
+    channel = await admin.channel()
+    full = await channel.declare_queue(
+        unique + ".full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    await full.bind(unique, unique + ".full")
+    underlay = await transport._fresh_underlay()
+    kinds = (unique + ".nowhere", unique + ".full", unique, unique + ".full", unique, unique + ".full")
+    deadline = time.monotonic() + 2.0
+    rounds = 0
+    while time.monotonic() < deadline:
+        batch = [message(kinds[i % len(kinds)]) for i in range(12)]
+        results = await _publish_batch(underlay, unique, None, batch)
+        for sent, result in zip(batch, results, strict=True):
+            if sent.queue == unique:
+                assert result is None
+            elif sent.queue.endswith(".nowhere"):
+                assert isinstance(result, aiormq.exceptions.PublishError)
+            else:
+                assert isinstance(result, aiormq.exceptions.DeliveryError), f"round {rounds}: {result!r}"
+        rounds += 1
+    assert rounds > 50
+    await asyncio.sleep(0)  # the last confirmations' done-callbacks (which forget their message ids) run
+    assert underlay.confirmations == {}
+    assert underlay.message_id_delivery_tag == {}
 
 
 async def test_topology_declare_is_idempotent(transport, admin, unique):

@@ -35,6 +35,12 @@ class FakeChannel:
         self.frames: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.is_closed = False
         self.written: list[tuple[str, int]] = []
+        self.closed_with: list[BaseException | None] = []
+
+    CHANNEL_CLOSE_TIMEOUT = 10
+
+    async def close(self, exc: BaseException | None = None, timeout: float | None = None) -> None:
+        self.closed_with.append(exc)
 
     async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
         self.written.append(("ack", tag))
@@ -288,17 +294,25 @@ async def test_shortcut_logs_a_failing_hand_over_and_goes_on(caplog):
     assert "handing over delivery 1 failed" in caplog.text
 
 
-async def test_shortcut_rejects_frames_out_of_protocol_order():
-    """A delivery not followed by its content frames is a protocol error: the connection's reader stops."""
+async def test_shortcut_closes_only_the_channel_on_frames_out_of_protocol_order(caplog):
+    """A delivery not followed by its content frames is a protocol error: that channel is closed with it (as
+    aiormq's reader does), the connection's reader goes on, and the next delivery is assembled afresh.
+    """
     channel = FakeChannel()
-    installed(channel)
+    _, delivered, _ = installed(channel)
     await channel.frames.put((0, Basic.Deliver(consumer_tag="tag-1", delivery_tag=1, routing_key="q")))
-    with pytest.raises(InvalidFrameError, match="content header"):
-        await channel.frames.put((0, Basic.Ack(delivery_tag=1)))
+    await channel.frames.put((0, Basic.Ack(delivery_tag=1)))  # no exception into the connection's reader
     frames = deliver_frames(2, b"{}")
     await put_all(channel, frames[:2])
-    with pytest.raises(InvalidFrameError, match="content body"):
-        await channel.frames.put((0, Basic.Ack(delivery_tag=1)))
+    await channel.frames.put((0, Basic.Ack(delivery_tag=2)))
+    await asyncio.sleep(0)
+    assert [type(error) for error in channel.closed_with] == [InvalidFrameError, InvalidFrameError]
+    assert "instead of a content header" in str(channel.closed_with[0])
+    assert "instead of a content body" in str(channel.closed_with[1])
+    assert "closing channel" in caplog.text
+    await put_all(channel, deliver_frames(3, b"{}"))
+    assert [incoming.message_id for incoming, _ in delivered] == ["m3"]
+    assert channel.frames.qsize() == 0
 
 
 class ConfirmingChannel(FakeChannel):

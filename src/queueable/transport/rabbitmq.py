@@ -1195,6 +1195,10 @@ class _Consumer:
         self.deliver(delivered_to_incoming(message, self.queue), message)
 
 
+#: Channel closes started by :class:`_Shortcut` (a reference until done, so the task is not collected).
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
 class _Shortcut:
     """Deliveries and publisher confirms taken from the connection's reader, on one aiormq channel.
 
@@ -1220,9 +1224,15 @@ class _Shortcut:
       gets nothing from here: its deliveries take aiormq's path.
     * A ``Basic.Ack`` or ``Basic.Nack`` on a channel in confirm mode, only while no frame waits in the queue:
       resolved here with aiormq's own ``_confirm_delivery``. The order matters there: the broker sends a
-      ``basic.return`` (unroutable) before the ack of the same publish, and aiormq must see it first. An empty
-      queue means that aiormq's reader has taken every earlier frame, and a return is handled in the same step
-      that takes its last frame.
+      ``basic.return`` (unroutable) before the ack of the same publish, and a nack and a later ack can cover
+      the same range of earlier tags. So the confirms that do go through the queue are resolved at once as well
+      (aiormq's reader calls :meth:`_on_confirm_frame` here instead of its own, which would resolve a multiple
+      one a loop iteration later, where a confirm taken here could overtake it). Then an empty queue means that
+      aiormq's reader has fully handled every earlier frame: a return in the step that takes its last frame, a
+      confirm in the step that takes it.
+
+    A frame out of the protocol's order (a delivery without its content frames) closes the channel, as aiormq's
+    reader does; the connection and its other channels stay up.
     """
 
     __slots__ = (
@@ -1256,6 +1266,11 @@ class _Shortcut:
         self.taken = 0  # deliveries handed over from here (for tests and debugging)
         self.confirmed = 0  # confirm frames resolved from here
         self._queue.put = self.put  # type: ignore[method-assign]
+        if self._confirming:
+            # aiormq's own reader resolves a multiple confirm one loop iteration later (call_soon per tag); a
+            # later confirm resolved here could overtake those and take their tags with it (a nack read as an
+            # ack). Resolved synchronously on both paths, confirms keep the order they came in.
+            channel._on_confirm_frame = self._on_confirm_frame  # type: ignore[attr-defined]  # noqa: SLF001
 
     @classmethod
     def on(cls, channel: aiormq.abc.AbstractChannel) -> _Shortcut:
@@ -1273,38 +1288,43 @@ class _Shortcut:
     async def put(self, item: tuple[int, Any]) -> None:
         """``channel.frames.put``: a frame from the connection's reader."""
         frame = item[1]
-        if self._deliver is None:
-            kind = type(frame)
-            if (kind is Basic.Ack or kind is Basic.Nack) and self._confirming and not self._queue.qsize():
-                self._confirm(frame)
-                return
-            if kind is Basic.Deliver:
-                entry = self._handlers.get(frame.consumer_tag)
-                if entry is not None and self._consumers.get(frame.consumer_tag) is entry[0]:
-                    self._deliver = frame
-                    return
-            await self._put(item)
+        if self._deliver is not None:
+            self._content(frame)
             return
+        kind = type(frame)
+        if (kind is Basic.Ack or kind is Basic.Nack) and self._confirming and not self._queue.qsize():
+            self._confirm(frame)
+            return
+        if kind is Basic.Deliver:
+            entry = self._handlers.get(frame.consumer_tag)
+            if entry is not None and self._consumers.get(frame.consumer_tag) is entry[0]:
+                self._deliver = frame
+                return
+        await self._put(item)
+
+    def _content(self, frame: object) -> None:
+        """A content frame of the delivery being assembled; the last one hands it over."""
         header = self._header
         if header is None:
             if not isinstance(frame, ContentHeader):
-                self._deliver = None
-                msg = f"unexpected frame {frame!r} instead of a content header"
-                raise aiormq.exceptions.InvalidFrameError(msg)
+                self._out_of_order(frame, "a content header")
+                return
             self._header = header = frame
             if header.body_size:
                 return
         elif not isinstance(frame, ContentBody):
-            self._deliver = self._header = None
-            self._body, self._size = [], 0
-            msg = f"unexpected frame {frame!r} instead of a content body"
-            raise aiormq.exceptions.InvalidFrameError(msg)
+            self._out_of_order(frame, "a content body")
+            return
         else:
             self._body.append(frame.value)
             self._size += len(frame.value)
             if self._size < header.body_size:
                 return
         self._hand_over(header)
+
+    async def _on_confirm_frame(self, frame: Basic.Ack | Basic.Nack) -> None:
+        """aiormq's ``Channel._on_confirm_frame`` for confirms that its reader takes: resolved at once."""
+        self._confirm(frame)
 
     def _confirm(self, frame: Basic.Ack | Basic.Nack) -> None:
         """What aiormq's ``Channel._on_confirm_frame`` does, with a ``multiple`` one resolved now, not later."""
@@ -1320,6 +1340,24 @@ class _Shortcut:
                 channel._confirm_delivery(each, frame)  # noqa: SLF001 - aiormq is pinned (pyproject.toml)
         else:
             channel._confirm_delivery(tag, frame)  # noqa: SLF001
+
+    def _out_of_order(self, frame: object, expected: str) -> None:
+        """A broker that breaks the protocol: close this channel, as aiormq's reader does with such a frame.
+
+        The connection and its other channels stay up (raising here would stop the connection's reader); the
+        delivery being assembled is dropped with the channel, and the broker redelivers it.
+        """
+        deliver = self._deliver
+        self._deliver = self._header = None
+        self._body, self._size = [], 0
+        error = aiormq.exceptions.InvalidFrameError(f"unexpected frame {frame!r} instead of {expected}")
+        log.error(
+            "closing channel %s: delivery %s: %s", self._channel, getattr(deliver, "delivery_tag", "?"), error
+        )
+        channel = typing.cast("aiormq.Channel", self._channel)
+        task = asyncio.get_running_loop().create_task(channel.close(error, timeout=channel.CHANNEL_CLOSE_TIMEOUT))
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
 
     def _hand_over(self, header: ContentHeader) -> None:
         deliver, body = self._deliver, self._body
