@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +17,7 @@ from pamqp.header import ContentHeader
 
 from queueable import Settings
 from queueable.transport.rabbitmq import (
+    _CLOSING,
     AckCoalescer,
     RabbitMQTransport,
     _Consumer,
@@ -313,6 +315,24 @@ async def test_shortcut_closes_only_the_channel_on_frames_out_of_protocol_order(
     await put_all(channel, deliver_frames(3, b"{}"))
     assert [incoming.message_id for incoming, _ in delivered] == ["m3"]
     assert channel.frames.qsize() == 0
+
+
+async def test_a_channel_close_that_fails_is_retrieved_and_logged(caplog):
+    """No close-ok in time (aiormq raises TimeoutError from close): read and logged, not left unretrieved."""
+    caplog.set_level(logging.DEBUG, logger="queueable")
+    channel = FakeChannel()
+
+    async def close(exc: BaseException | None = None, timeout: float | None = None) -> None:
+        raise TimeoutError
+
+    channel.close = close  # type: ignore[method-assign]
+    installed(channel)
+    await channel.frames.put((0, Basic.Deliver(consumer_tag="tag-1", delivery_tag=1, routing_key="q")))
+    await channel.frames.put((0, Basic.Ack(delivery_tag=1)))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not _CLOSING
+    assert "closing the channel failed" in caplog.text
 
 
 class ConfirmingChannel(FakeChannel):

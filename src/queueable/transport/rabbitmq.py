@@ -1199,6 +1199,12 @@ class _Consumer:
 _CLOSING: set[asyncio.Task[None]] = set()
 
 
+def _closed(task: asyncio.Task[None]) -> None:
+    _CLOSING.discard(task)
+    if not task.cancelled() and task.exception() is not None:  # no close-ok in time: the connection goes anyway
+        log.debug("closing the channel failed: %s", task.exception())
+
+
 class _Shortcut:
     """Deliveries and publisher confirms taken from the connection's reader, on one aiormq channel.
 
@@ -1264,7 +1270,7 @@ class _Shortcut:
         self._size = 0
         self._confirming = bool(getattr(channel, "publisher_confirms", False))
         self.taken = 0  # deliveries handed over from here (for tests and debugging)
-        self.confirmed = 0  # confirm frames resolved from here
+        self.confirmed = 0  # confirm frames taken from here (not through aiormq's reader)
         self._queue.put = self.put  # type: ignore[method-assign]
         if self._confirming:
             # aiormq's own reader resolves a multiple confirm one loop iteration later (call_soon per tag); a
@@ -1293,6 +1299,7 @@ class _Shortcut:
             return
         kind = type(frame)
         if (kind is Basic.Ack or kind is Basic.Nack) and self._confirming and not self._queue.qsize():
+            self.confirmed += 1
             self._confirm(frame)
             return
         if kind is Basic.Deliver:
@@ -1331,7 +1338,6 @@ class _Shortcut:
         channel = typing.cast("aiormq.Channel", self._channel)
         confirmations = channel.confirmations
         tag = frame.delivery_tag
-        self.confirmed += 1
         if tag not in confirmations:
             log.error("Unexpected confirmation frame %r from broker", frame)
             return
@@ -1357,7 +1363,7 @@ class _Shortcut:
         channel = typing.cast("aiormq.Channel", self._channel)
         task = asyncio.get_running_loop().create_task(channel.close(error, timeout=channel.CHANNEL_CLOSE_TIMEOUT))
         _CLOSING.add(task)
-        task.add_done_callback(_CLOSING.discard)
+        task.add_done_callback(_closed)
 
     def _hand_over(self, header: ContentHeader) -> None:
         deliver, body = self._deliver, self._body
