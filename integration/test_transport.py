@@ -172,11 +172,11 @@ async def test_rejected_and_unroutable_publishes_are_never_reported_confirmed(tr
     await transport.connect()  # declares the exchange and the work queue
     channel = await admin.channel()
     full = await channel.declare_queue(
-        unique + ".full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        unique + ".other", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
     )
-    await full.bind(unique, unique + ".full")
+    await full.bind(unique, unique + ".other")
     underlay = await transport._fresh_underlay()
-    kinds = (unique + ".nowhere", unique + ".full", unique, unique + ".full", unique, unique + ".full")
+    kinds = (unique + ".nowhere", unique + ".other", unique, unique + ".other", unique, unique + ".other")
     deadline = time.monotonic() + 2.0
     rounds = 0
     while time.monotonic() < deadline:
