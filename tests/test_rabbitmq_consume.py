@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiormq.abc import DeliveredMessage
-from aiormq.exceptions import InvalidFrameError
+from aiormq.exceptions import ChannelInvalidStateError, DeliveryError, InvalidFrameError
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
@@ -20,6 +20,7 @@ from queueable.transport.rabbitmq import (
     _CLOSING,
     AckCoalescer,
     RabbitMQTransport,
+    _Batch,
     _Consumer,
     _Shortcut,
     delivered_to_incoming,
@@ -395,6 +396,50 @@ async def test_shortcut_takes_no_confirms_on_a_channel_without_confirm_mode():
     ack = (0, Basic.Ack(delivery_tag=1))
     await channel.frames.put(ack)
     assert channel.frames.get_nowait() == ack
+
+
+async def test_a_batch_is_done_when_every_message_has_its_outcome():
+    """A batch's confirmations stand in for aiormq's futures: each records its outcome (ack, nack, return) and
+    the batch's one future is done when the last one is in; resolving one twice is an error, as with a future.
+    """
+    loop = asyncio.get_running_loop()
+    batch = _Batch(SimpleNamespace(create_future=loop.create_future), 3)  # type: ignore[arg-type]
+    ack, nack, returned = batch.confirms
+    ack.set_result(Basic.Ack(delivery_tag=1))
+    nack.set_exception(DeliveryError(None, Basic.Nack(delivery_tag=2)))  # type: ignore[arg-type]
+    assert not batch.future.done()
+    assert not returned.done()
+    assert not returned.cancelled()
+    returned.set_exception(RuntimeError)  # aiormq may pass an exception class
+    assert batch.future.done()
+    assert await batch.wait() is None
+    assert ack.outcome is None
+    assert isinstance(nack.outcome, DeliveryError)
+    assert isinstance(returned.outcome, RuntimeError)
+    with pytest.raises(asyncio.InvalidStateError):
+        ack.set_result(None)
+
+
+async def test_a_batch_cut_by_a_closing_channel_reports_the_close_for_what_is_unconfirmed():
+    """aiormq rejects its futures when the channel closes: the batch's unconfirmed messages fail with that (or,
+    cancelled by aiormq, as a lost connection); the caller's own cancellation propagates.
+    """
+    loop = asyncio.get_running_loop()
+    channel = SimpleNamespace(create_future=loop.create_future)
+    batch = _Batch(channel, 2)  # type: ignore[arg-type]
+    batch.confirms[0].set_result(None)
+    batch.future.set_exception(ChannelInvalidStateError("closed"))
+    assert isinstance(await batch.wait(), ChannelInvalidStateError)
+    cancelled = _Batch(channel, 1)  # type: ignore[arg-type]
+    cancelled.future.cancel()
+    assert isinstance(await cancelled.wait(), ConnectionError)
+    waiting = _Batch(channel, 1)  # type: ignore[arg-type]
+    task = asyncio.create_task(waiting.wait())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    waiting.confirms[0].set_result(None)  # the confirm that arrives later is taken quietly
 
 
 # -- batched acks ------------------------------------------------------------------------------------

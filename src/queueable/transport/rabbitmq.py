@@ -1510,9 +1510,74 @@ def _publish_frame(number: int, exchange: str, routing_key: str) -> bytes:
     return frame
 
 
-def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        del channel.message_id_delivery_tag[message_id]
+class _Confirm:
+    """One publish's entry in aiormq's ``channel.confirmations``, standing in for a future of its own.
+
+    aiormq resolves an entry with ``set_result`` (ack), ``set_exception`` (nack: ``DeliveryError``; a
+    ``basic.return``: ``PublishError``) after checking ``done()``/``cancelled()``; nothing awaits it. This one
+    records the outcome and counts its :class:`_Batch` down, without an ``asyncio.Future`` per message and the
+    three callbacks that resolving one schedules.
+    """
+
+    __slots__ = ("_batch", "done_", "outcome")
+
+    def __init__(self, batch: _Batch) -> None:
+        self._batch = batch
+        self.done_ = False
+        self.outcome: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.done_
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, _: object) -> None:
+        self._finish(None)
+
+    def set_exception(self, exception: BaseException | type[BaseException]) -> None:
+        self._finish(exception if isinstance(exception, BaseException) else exception())
+
+    def _finish(self, outcome: BaseException | None) -> None:
+        if self.done_:
+            raise asyncio.InvalidStateError
+        self.done_ = True
+        self.outcome = outcome
+        self._batch.one_done()
+
+
+class _Batch:
+    """The confirmations of one publish batch: one future (aiormq's, so a closing channel rejects it) that is
+    done when every message of the batch has its outcome.
+    """
+
+    __slots__ = ("confirms", "future", "left")
+
+    def __init__(self, channel: aiormq.Channel, size: int) -> None:
+        self.future: asyncio.Future[None] = channel.create_future()
+        self.left = size
+        self.confirms = [_Confirm(self) for _ in range(size)]
+
+    def one_done(self) -> None:
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(None)
+
+    async def wait(self) -> BaseException | None:
+        """Until every message has its outcome; then ``None``. If the channel or connection went away first,
+        what the messages still unconfirmed failed with. Cancellation of the caller propagates.
+        """
+        try:
+            await self.future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # aiormq cancels pending confirms when the connection drops: a connection failure, not ours.
+            return ConnectionError("connection lost before the broker confirmed the message")
+        except _PUBLISH_FAILURES as exc:
+            return exc
+        return None
 
 
 async def _publish_batch(
@@ -1522,37 +1587,35 @@ async def _publish_batch(
 
     What ``aiormq.Channel.basic_publish(..., mandatory=True, wait=False)`` does for one message, for a batch:
     the frames of every message are marshalled before taking the channel lock, then, under the lock, each gets
-    its delivery tag and confirmation future (registered by message id, so that a ``basic.return`` fails
-    it with ``aiormq.exceptions.PublishError``), and all the frames go to the connection's writer as one
-    payload. No task per message, one lock acquisition, one socket write.
+    its delivery tag and confirmation (registered by message id, so that a ``basic.return`` fails it with
+    ``aiormq.exceptions.PublishError``), and all the frames go to the connection's writer as one payload. No
+    task per message, one lock acquisition, one socket write, and one future for the whole batch.
 
     Returns one entry per message: ``None`` when confirmed, else the failure, never raised, so that the caller
     can tell permanent refusals from connection losses. A message whose properties cannot be encoded fails
-    alone, with ``TypeError``. Cancellation of the caller still propagates (and drops the remaining confirms).
+    alone, with ``TypeError``. Cancellation of the caller still propagates.
     """
     results: list[BaseException | None] = [None] * len(messages)
     prepared = _marshal_batch(channel, exchange, routing_key, messages, results)
     if not prepared:
         return results
     try:
-        waiting = await _send_batch(channel, prepared)
+        first, batch = await _send_batch(channel, prepared)
     except _PUBLISH_FAILURES as exc:  # the channel closed (before or while taking the lock)
         for index, _, _ in prepared:
             results[index] = exc
         return results
-    for position, (index, confirmation) in enumerate(waiting):
-        try:
-            await confirmation
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                for _, later in waiting[position + 1 :]:
-                    later.cancel()
-                raise
-            # aiormq cancels pending confirms when the connection drops: a connection failure, not ours.
-            results[index] = ConnectionError("connection lost before the broker confirmed the message")
-        except _PUBLISH_FAILURES as exc:
-            results[index] = exc
+    try:
+        lost = await batch.wait()
+    finally:
+        # As aiormq's basic_publish does once a confirmation is done: the message id no longer maps to its tag
+        # (a basic.return, which comes before the ack, has been matched by then). Once per batch here.
+        tags = channel.message_id_delivery_tag
+        for tag, (_, message_id, _) in enumerate(prepared, first + 1):
+            if tags.get(message_id) == tag:
+                del tags[message_id]
+    for (index, _, _), confirm in zip(prepared, batch.confirms, strict=True):
+        results[index] = confirm.outcome if confirm.done_ else lost
     return results
 
 
@@ -1587,19 +1650,18 @@ def _marshal_batch(
     return prepared
 
 
-async def _send_batch(
-    channel: aiormq.Channel, prepared: list[tuple[int, str, bytes]]
-) -> list[tuple[int, asyncio.Future[Any]]]:
-    """Register a confirmation per message and hand all the frames to the writer, under the channel lock."""
-    waiting: list[tuple[int, asyncio.Future[Any]]] = []
+async def _send_batch(channel: aiormq.Channel, prepared: list[tuple[int, str, bytes]]) -> tuple[int, _Batch]:
+    """Register a confirmation per message and hand all the frames to the writer, under the channel lock.
+
+    Returns the delivery tag before the batch's (its messages have the next ones, in order) and the batch.
+    """
     async with channel.lock:
         first = channel.delivery_tag
-        for index, message_id, _ in prepared:
+        batch = _Batch(channel, len(prepared))
+        for (_, message_id, _), confirm in zip(prepared, batch.confirms, strict=True):
             channel.delivery_tag += 1
-            confirmation = channel.create_future()
-            channel.confirmations[channel.delivery_tag] = confirmation
+            channel.confirmations[channel.delivery_tag] = confirm  # type: ignore[assignment]
             channel.message_id_delivery_tag[message_id] = channel.delivery_tag
-            waiting.append((index, confirmation))
         try:
             payload = b"".join(frames for _, _, frames in prepared)
             await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
@@ -1610,9 +1672,6 @@ async def _send_batch(
                 if channel.message_id_delivery_tag.get(message_id) == tag:
                     del channel.message_id_delivery_tag[message_id]
             channel.delivery_tag = first
-            for _, confirmation in waiting:
-                confirmation.cancel()
+            batch.future.cancel()
             raise
-    for tag, ((_, message_id, _), (_, confirmation)) in enumerate(zip(prepared, waiting, strict=True), first + 1):
-        confirmation.add_done_callback(functools.partial(_forget_message_id, channel, message_id, tag))
-    return waiting
+    return first, batch
