@@ -72,6 +72,17 @@ it to come back and publishes again, until ``Settings.publish_timeout``; then it
 message whose confirm was lost with the connection may therefore be published twice (at least once); its
 ``message_id`` stays the same, so a listener can deduplicate.
 
+aiormq internals
+================
+
+On queueable's own channels, the frames of deliveries for the worker's consumers and publisher confirms are
+taken straight from the connection's reader (:class:`_Shortcut`, which takes over ``channel.frames.put`` and
+``channel._on_confirm_frame``), a publish batch registers one small :class:`_Confirm` per message in
+``channel.confirmations`` and awaits one future (:class:`_Batch`), and the worker's consumer replaces aio-pika's
+wrapper in ``channel.consumers``. That is why aiormq is pinned to 7.2.x in ``pyproject.toml``; the unit tests
+in ``tests/test_rabbitmq_consume.py`` and the integration tests of this transport and the worker pin the
+behaviour that relies on it.
+
 Passwords never appear in reprs, log lines or errors raised from here: URLs go through
 :func:`queueable.mask_url`, and text from aio-pika/aiormq exceptions is scrubbed before it is re-raised.
 """
