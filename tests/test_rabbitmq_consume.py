@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -404,7 +405,7 @@ async def test_a_batch_is_done_when_every_message_has_its_outcome():
     """
     loop = asyncio.get_running_loop()
     batch = _Batch(SimpleNamespace(create_future=loop.create_future), 3)  # type: ignore[arg-type]
-    ack, nack, returned = batch.confirms
+    ack, nack, returned = batch.confirms()
     ack.set_result(Basic.Ack(delivery_tag=1))
     nack.set_exception(DeliveryError(None, Basic.Nack(delivery_tag=2)))  # type: ignore[arg-type]
     assert not batch.future.done()
@@ -427,19 +428,40 @@ async def test_a_batch_cut_by_a_closing_channel_reports_the_close_for_what_is_un
     loop = asyncio.get_running_loop()
     channel = SimpleNamespace(create_future=loop.create_future)
     batch = _Batch(channel, 2)  # type: ignore[arg-type]
-    batch.confirms[0].set_result(None)
+    batch.confirms()[0].set_result(None)
     batch.future.set_exception(ChannelInvalidStateError("closed"))
     assert isinstance(await batch.wait(), ChannelInvalidStateError)
     cancelled = _Batch(channel, 1)  # type: ignore[arg-type]
     cancelled.future.cancel()
     assert isinstance(await cancelled.wait(), ConnectionError)
     waiting = _Batch(channel, 1)  # type: ignore[arg-type]
+    (late,) = waiting.confirms()
     task = asyncio.create_task(waiting.wait())
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    waiting.confirms[0].set_result(None)  # the confirm that arrives later is taken quietly
+    late.set_result(None)  # the confirm that arrives later is taken quietly
+
+
+async def test_a_finished_batch_is_freed_without_the_cycle_collector():
+    """A batch and its confirmations form no reference cycle: they go when the publish is done, not at the next
+    full collection (which would keep a returned message's body alive meanwhile).
+    """
+    loop = asyncio.get_running_loop()
+    channel = SimpleNamespace(create_future=loop.create_future)
+    gc.collect()
+    gc.disable()
+    try:
+        batch = _Batch(channel, 2)  # type: ignore[arg-type]
+        confirms = batch.confirms()
+        confirms[0].set_result(None)
+        confirms[1].set_exception(RuntimeError("returned"))
+        assert await batch.wait() is None
+        del batch, confirms
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 # -- batched acks ------------------------------------------------------------------------------------

@@ -1559,15 +1559,19 @@ class _Confirm:
 
 class _Batch:
     """The confirmations of one publish batch: one future (aiormq's, so a closing channel rejects it) that is
-    done when every message of the batch has its outcome.
+    done when every message of the batch has its outcome. The :class:`_Confirm` objects point to it, not it to
+    them: a batch is no reference cycle, and goes away with its last confirm rather than at a full collection.
     """
 
-    __slots__ = ("confirms", "future", "left")
+    __slots__ = ("future", "left")
 
     def __init__(self, channel: aiormq.Channel, size: int) -> None:
         self.future: asyncio.Future[None] = channel.create_future()
         self.left = size
-        self.confirms = [_Confirm(self) for _ in range(size)]
+
+    def confirms(self) -> list[_Confirm]:
+        """One confirmation per message of the batch, in order."""
+        return [_Confirm(self) for _ in range(self.left)]
 
     def one_done(self) -> None:
         self.left -= 1
@@ -1611,7 +1615,7 @@ async def _publish_batch(
     if not prepared:
         return results
     try:
-        first, batch = await _send_batch(channel, prepared)
+        first, batch, confirms = await _send_batch(channel, prepared)
     except _PUBLISH_FAILURES as exc:  # the channel closed (before or while taking the lock)
         for index, _, _ in prepared:
             results[index] = exc
@@ -1625,7 +1629,7 @@ async def _publish_batch(
         for tag, (_, message_id, _) in enumerate(prepared, first + 1):
             if tags.get(message_id) == tag:
                 del tags[message_id]
-    for (index, _, _), confirm in zip(prepared, batch.confirms, strict=True):
+    for (index, _, _), confirm in zip(prepared, confirms, strict=True):
         results[index] = confirm.outcome if confirm.done_ else lost
     return results
 
@@ -1661,15 +1665,19 @@ def _marshal_batch(
     return prepared
 
 
-async def _send_batch(channel: aiormq.Channel, prepared: list[tuple[int, str, bytes]]) -> tuple[int, _Batch]:
+async def _send_batch(
+    channel: aiormq.Channel, prepared: list[tuple[int, str, bytes]]
+) -> tuple[int, _Batch, list[_Confirm]]:
     """Register a confirmation per message and hand all the frames to the writer, under the channel lock.
 
-    Returns the delivery tag before the batch's (its messages have the next ones, in order) and the batch.
+    Returns the delivery tag before the batch's (its messages have the next ones, in order), the batch, and
+    each message's confirmation.
     """
     async with channel.lock:
         first = channel.delivery_tag
         batch = _Batch(channel, len(prepared))
-        for (_, message_id, _), confirm in zip(prepared, batch.confirms, strict=True):
+        confirms = batch.confirms()
+        for (_, message_id, _), confirm in zip(prepared, confirms, strict=True):
             channel.delivery_tag += 1
             channel.confirmations[channel.delivery_tag] = confirm  # type: ignore[assignment]
             channel.message_id_delivery_tag[message_id] = channel.delivery_tag
@@ -1685,4 +1693,4 @@ async def _send_batch(channel: aiormq.Channel, prepared: list[tuple[int, str, by
             channel.delivery_tag = first
             batch.future.cancel()
             raise
-    return first, batch
+    return first, batch, confirms
