@@ -431,6 +431,11 @@ async def test_a_batch_cut_by_a_closing_channel_reports_the_close_for_what_is_un
     batch.confirms()[0].set_result(None)
     batch.future.set_exception(ChannelInvalidStateError("closed"))
     assert isinstance(await batch.wait(), ChannelInvalidStateError)
+    died = _Batch(channel, 1)  # type: ignore[arg-type]
+    died.future.set_exception(ValueError("Unexpected frame"))  # aiormq's channel reader died of a bad frame
+    lost = await died.wait()
+    assert isinstance(lost, ConnectionError)
+    assert "Unexpected frame" in str(lost)
     cancelled = _Batch(channel, 1)  # type: ignore[arg-type]
     cancelled.future.cancel()
     assert isinstance(await cancelled.wait(), ConnectionError)

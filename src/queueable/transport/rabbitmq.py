@@ -1592,6 +1592,11 @@ class _Batch:
             return ConnectionError("connection lost before the broker confirmed the message")
         except _PUBLISH_FAILURES as exc:
             return exc
+        except Exception as exc:  # aiormq rejects the future with its close reason, whatever that is
+            # Only a closing channel or connection fails this future (aiormq's reject_all), with the reason it
+            # closed for: a reader that died of a ValueError, or a bare Exception when there was none. The
+            # messages are unconfirmed either way: the caller publishes them again on a fresh channel.
+            return ConnectionError(f"the channel closed before the broker confirmed the message ({exc!r})")
         return None
 
 
