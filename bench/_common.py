@@ -44,6 +44,11 @@ class OrderShipped(Order):
     """Three queued listeners."""
 
 
+@event("bench.order_spread")
+class OrderSpread(Order):
+    """Three queued listeners, each on a queue of its own (``fanout_detail``)."""
+
+
 @event("bench.order_consumed")
 class OrderConsumed(Order):
     """The consumer benchmark's event."""
@@ -107,8 +112,12 @@ class Names:
     def memory(self) -> str:
         return f"{self.prefix}.mem"
 
+    def spread(self) -> list[str]:
+        """Three queues of their own for three listeners (``fanout_detail``)."""
+        return [f"{self.prefix}.spread{i}" for i in range(3)]
+
     def queues(self) -> list[str]:
-        work = [self.publish, self.raw_publish, self.consume, self.raw_consume, self.memory]
+        work = [self.publish, self.raw_publish, self.consume, self.raw_consume, self.memory, *self.spread()]
         return [*work, *(f"{name}.dead" for name in work)]
 
 

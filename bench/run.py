@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Names, cleanup
 from _stats import table
-from scenarios import SCENARIOS, Bench, Sizes
+from scenarios import EXTRA_SCENARIOS, SCENARIOS, Bench, Sizes
 
 if TYPE_CHECKING:
     from _stats import Row
@@ -42,7 +42,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench/run.py")
     parser.add_argument("--url", default=os.environ.get("QUEUEABLE_BENCH_URL", DEFAULT_URL))
     parser.add_argument("--quick", action="store_true", help="fewer rounds and messages (about 1 minute)")
-    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated subset of: {', '.join(SCENARIOS)}; "
+        f"or, not in the default run: {', '.join(EXTRA_SCENARIOS)}",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
     parser.add_argument("--rounds", type=int, help="rounds of the latency and deferred benchmarks")
     parser.add_argument("--consume-messages", type=int, help="messages per consumer round")
@@ -66,7 +70,8 @@ def _sizes(args: argparse.Namespace) -> Sizes:
 
 async def _suite(args: argparse.Namespace) -> dict[str, Any]:
     chosen = list(SCENARIOS) if not args.only else [name.strip() for name in args.only.split(",")]
-    unknown = [name for name in chosen if name not in SCENARIOS]
+    every = {**SCENARIOS, **EXTRA_SCENARIOS}
+    unknown = [name for name in chosen if name not in every]
     if unknown:
         msg = f"unknown benchmark(s): {', '.join(unknown)}"
         raise SystemExit(msg)
@@ -81,7 +86,7 @@ async def _suite(args: argparse.Namespace) -> dict[str, Any]:
             for name in chosen:
                 print(f"[bench] {name} ...", file=sys.stderr, flush=True)
                 begin = time.perf_counter()
-                rows.extend(await SCENARIOS[name](bench))
+                rows.extend(await every[name](bench))
                 timings[name] = round(time.perf_counter() - begin, 1)
                 print(f"[bench] {name}: {timings[name]} s", file=sys.stderr, flush=True)
             server = bench.server_version()

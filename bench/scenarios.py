@@ -30,13 +30,14 @@ from _common import (
     OrderMem,
     OrderPlaced,
     OrderShipped,
+    OrderSpread,
     order,
     publish_window,
     purge,
 )
 from _stats import Row, Spread, percentile
 
-from queueable import App, Settings
+from queueable import App, OutgoingMessage, Settings
 from queueable._dispatcher import build_messages, encode_event
 from queueable._worker import Worker, WorkerOptions
 from queueable.cli.consume import DEFAULT_CONCURRENCY
@@ -255,6 +256,122 @@ async def _latency_pair(
         Row(f"{key}.cpu", f"{label}, client CPU, p50", "µs", Spread.of(cpu[0]), Spread.of(cpu[1]),
             baseline_label, None, lower_is_better=True),
     ]  # fmt: skip
+
+
+async def fanout_detail(bench: Bench) -> list[Row]:
+    """Where the cost of more listeners goes; not in the default run (``--only fanout_detail``).
+
+    In every round, all sides in turn, publish by publish (the order rotating), each against its baseline:
+    queueable's 3 listeners on 3 queues of their own against 1 listener; raw aio-pika's 3 concurrent confirmed
+    publishes on 1 channel and on 3 channels against 1 publish; and queueable's transport publishing a batch of
+    3 messages against 1, with the wire format's headers and with none (what the broker's share of the header
+    table is). Wall time p50; the ratio per round, median [IQR] over rounds.
+    """
+    names = bench.names
+    for index, queue in enumerate(names.spread()):
+        bench.app.add_listener(_noop, OrderSpread, queue=True, queue_name=queue, id=f"bench:spread.{index}")
+    extra = [await bench.raw_connection.channel(publisher_confirms=True) for _ in range(2)]
+    try:
+        sides = await _detail_sides(bench, [bench.raw_channel, *extra])
+        p50 = await _rotating_rounds(bench, sides)
+    finally:
+        for channel in extra:
+            await channel.close()
+    await purge(bench.raw_channel, names.publish, names.raw_publish, *names.spread())
+    pairs = [
+        ("3 listeners, 3 queues", "1 listener", "dispatch(), 3 queued listeners on 3 queues"),
+        ("raw 3, 1 channel", "raw 1 publish", "raw: 3 concurrent publishes, 1 channel"),
+        ("raw 3, 3 channels", "raw 1 publish", "raw: 3 concurrent publishes, 3 channels"),
+        ("transport 3, headers", "transport 1, headers", "transport: 3 messages in one batch, wire headers"),
+        ("transport 3, no headers", "transport 1, no headers", "transport: 3 messages in one batch, no headers"),
+    ]
+    return [
+        Row(f"fanout_detail.{subject}", f"{label}, p50", "µs", Spread.of(p50[subject]), Spread.of(p50[base]),
+            base, None, lower_is_better=True)
+        for subject, base, label in pairs
+    ]  # fmt: skip
+
+
+async def _detail_sides(
+    bench: Bench, channels: list[aio_pika.abc.AbstractChannel]
+) -> dict[str, tuple[Callable[[Any], Awaitable[None]], type]]:
+    """The publish functions of ``fanout_detail``, by name, with the event class each publishes."""
+    names = bench.names
+    exchanges = [await channel.get_exchange(names.exchange, ensure=False) for channel in channels]
+    transport = bench.app.transport
+    (template,) = build_messages(order(OrderPlaced, 0), [bench.listener("bench:placed")])
+
+    async def raw_on(exchange: aio_pika.abc.AbstractExchange, event: Any) -> None:
+        message = aio_pika.Message(
+            event.model_dump_json().encode(),
+            content_type=JSON,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=uuid.uuid4().hex,
+        )
+        await exchange.publish(message, names.raw_publish, mandatory=True)
+
+    def raw(count: int, *, over: int) -> Callable[[Any], Awaitable[None]]:
+        async def publish(event: Any) -> None:
+            await asyncio.gather(*(raw_on(exchanges[i % over], event) for i in range(count)))
+
+        return publish
+
+    def batch(count: int, *, headers: bool) -> Callable[[Any], Awaitable[None]]:
+        async def publish(_event: Any) -> None:
+            await transport.publish(
+                [
+                    OutgoingMessage(
+                        queue=template.queue,
+                        body=template.body,
+                        headers=dict(template.headers) if headers else {},
+                        correlation_id=template.correlation_id,
+                        type=template.type,
+                    )
+                    for _ in range(count)
+                ]
+            )
+
+        return publish
+
+    return {
+        "1 listener": (bench.dispatch, OrderPlaced),
+        "3 listeners, 3 queues": (bench.dispatch, OrderSpread),
+        "raw 1 publish": (raw(1, over=1), OrderPlaced),
+        "raw 3, 1 channel": (raw(3, over=1), OrderPlaced),
+        "raw 3, 3 channels": (raw(3, over=3), OrderPlaced),
+        "transport 1, headers": (batch(1, headers=True), OrderPlaced),
+        "transport 3, headers": (batch(3, headers=True), OrderPlaced),
+        "transport 1, no headers": (batch(1, headers=False), OrderPlaced),
+        "transport 3, no headers": (batch(3, headers=False), OrderPlaced),
+    }
+
+
+async def _rotating_rounds(
+    bench: Bench, sides: dict[str, tuple[Callable[[Any], Awaitable[None]], type]]
+) -> dict[str, list[float]]:
+    """Every side once per sample, the order rotating sample by sample; the p50 (µs) of each side per round."""
+    order_of = list(sides)
+    for warm in range(20):  # connections, declarations (the spread queues), caches
+        for side in order_of:
+            publish, cls = sides[side]
+            await publish(order(cls, warm))
+    p50: dict[str, list[float]] = {side: [] for side in sides}
+    clock = time.perf_counter_ns
+    samples = bench.sizes.latency_samples
+    for round_index in range(bench.sizes.rounds):
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        for sample in range(samples):
+            shift = sample % len(order_of)
+            for side in order_of[shift:] + order_of[:shift]:
+                publish, cls = sides[side]
+                event = order(cls, round_index * samples + sample)
+                start = clock()
+                await publish(event)
+                times[side].append((clock() - start) / 1e3)
+        for side, values in times.items():
+            p50[side].append(percentile(values, 50))
+            bench.keep(f"fanout_detail.{side}", "p50", p50[side][-1])
+    return p50
 
 
 # -- 2: throughput of concurrent dispatches ----------------------------------------------------------------
@@ -582,4 +699,9 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "consumer": consumer,
     "deferred": deferred,
     "memory": memory,
+}
+
+#: Run only when asked for (``--only``): details behind a figure of the default run.
+EXTRA_SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
+    "fanout_detail": fanout_detail,
 }
