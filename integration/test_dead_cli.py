@@ -12,14 +12,17 @@ The module doubles as the test application: ``test_dead_cli:create_app`` (import
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -813,11 +816,8 @@ async def test_status_finds_delay_queues(quorum_world: World) -> None:
 MANAGEMENT_URL = os.environ.get("QUEUEABLE_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
 
 
-async def test_status_with_the_management_api_adds_unacked_counts_and_delay_queues(quorum_world: World) -> None:
-    """Against RabbitMQ's real management API: unacked counts of a consumer holding deliveries, and the delay
-    queue listed without probing the ladder. (Its statistics lag by up to the collection interval: poll.)
-    """
-    world = quorum_world
+def require_management_api() -> urllib.parse.SplitResult:
+    """The test broker's management API, or a failure that says how to enable it (never a skip)."""
     management = urllib.parse.urlsplit(MANAGEMENT_URL)
     try:
         socket.create_connection((management.hostname, management.port or 15672), timeout=2).close()
@@ -827,6 +827,61 @@ async def test_status_with_the_management_api_adds_unacked_counts_and_delay_queu
             "rabbitmq-plugins enable rabbitmq_management, or set QUEUEABLE_TEST_MANAGEMENT_URL",
             pytrace=False,
         )
+    return management
+
+
+def management_request(method: str, path: str, body: dict[str, Any] | None = None) -> None:
+    """One call to the test broker's management API (policies)."""
+    management = require_management_api()
+    base = f"{management.scheme}://{management.hostname}:{management.port or 15672}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method)  # noqa: S310 - the test's own URL
+    request.add_header("Content-Type", "application/json")
+    user, password = management.username or "guest", management.password or "guest"
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - the test's own URL
+        pass
+
+
+async def test_status_warns_when_a_delivery_limit_could_drop_dead_letters(quorum_world: World) -> None:
+    """Against the real management API: a quorum dead-letter queue without a limit (RabbitMQ 3.x) draws no
+    warning; once a policy gives it one, ``status`` warns on stderr (reading it would drop its dead letters),
+    and its JSON on stdout stays as it was.
+    """
+    world = quorum_world
+    require_management_api()
+    await world.kill([OrderPlaced(id="o1")], {"mail"})
+    clean = await asyncio.to_thread(cli, world, "status", "--json", "--management-url", MANAGEMENT_URL)
+    assert clean.returncode == 0, clean.stderr
+    assert "warning:" not in clean.stderr
+    policy = f"/api/policies/%2F/{urllib.parse.quote(world.dead, safe='')}"
+    management_request(
+        "PUT",
+        policy,
+        {"pattern": f"^{re.escape(world.dead)}$", "definition": {"delivery-limit": 2}, "apply-to": "queues"},
+    )
+    try:
+        warned = clean
+        for _ in range(60):  # the management API shows the effective policy after its next refresh
+            warned = await asyncio.to_thread(cli, world, "status", "--json", "--management-url", MANAGEMENT_URL)
+            if "warning:" in warned.stderr:
+                break
+            await asyncio.sleep(0.5)
+        assert warned.returncode == 0, warned.stderr
+        assert f"warning: {world.dead} has a delivery limit of 2 (from a policy)" in warned.stderr
+        assert [row["queue"] for row in json_lines(warned.stdout)] == [
+            row["queue"] for row in json_lines(clean.stdout)
+        ]
+    finally:
+        management_request("DELETE", policy)
+
+
+async def test_status_with_the_management_api_adds_unacked_counts_and_delay_queues(quorum_world: World) -> None:
+    """Against RabbitMQ's real management API: unacked counts of a consumer holding deliveries, and the delay
+    queue listed without probing the ladder. (Its statistics lag by up to the collection interval: poll.)
+    """
+    world = quorum_world
+    require_management_api()
     await world.kill([OrderPlaced(id="o1")], {"mail", "charge"})
     transport = RabbitMQTransport(world.settings, queues=[world.queue])
     try:

@@ -435,7 +435,7 @@ def fixture_management() -> Any:
     seen: list[tuple[str, str | None]] = []
     queues = [
         {"name": "jobs", "messages_ready": 4, "messages_unacknowledged": 2, "consumers": 3},
-        {"name": "jobs.dead", "messages_ready": 1, "messages_unacknowledged": 0, "consumers": 0},
+        {"name": "jobs.dead", "messages_ready": 1, "messages_unacknowledged": 0, "consumers": 0, "type": "quorum"},
         {"name": "jobs.delay.1000", "messages_ready": 7, "messages_unacknowledged": 0, "consumers": 0},
         {"name": "jobs.delay.250", "messages_ready": 1, "messages_unacknowledged": 0, "consumers": 0},
         {"name": "other.delay.250", "messages_ready": 9, "messages_unacknowledged": 0, "consumers": 0},
@@ -444,7 +444,8 @@ def fixture_management() -> Any:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen.append((self.path, self.headers.get("Authorization")))
-            body = json.dumps(queues).encode()
+            answer: Any = {"rabbitmq_version": "4.0.5"} if self.path == "/api/overview" else queues
+            body = json.dumps(answer).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -481,6 +482,63 @@ def test_management_status_adds_unacked_and_delay_queues(management: Any) -> Non
     path, auth = seen[0]
     assert path.startswith("/api/queues/%2F?")
     assert auth == "Basic YWRtaW46czNjcmV0"
+
+
+def test_management_status_warns_of_a_delivery_limit_that_drops_dead_letters(management: Any) -> None:
+    """With ``warnings``, the broker's version is asked too: RabbitMQ 4's default limit applies to jobs.dead."""
+    from queueable.cli.status import management_status  # noqa: PLC0415
+
+    url, seen = management
+    rows = [QueueStatus("jobs.dead", QueueKind.DEAD, exists=True, ready=1, consumers=0)]
+    warnings: list[str] = []
+    management_status(url, "/", ["jobs"], rows, warnings=warnings)
+    assert [path for path, _ in seen] == [seen[0][0], "/api/overview"]
+    assert len(warnings) == 1
+    assert "jobs.dead has no delivery limit of its own" in warnings[0]
+    assert "default of 20" in warnings[0]
+    assert "delivery-limit: -1" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("version", "info", "expected"),
+    [
+        ("3.10.8", {"type": "quorum"}, None),  # 3.x: no limit unless set
+        ("3.13.7", {"type": "quorum", "arguments": {"x-delivery-limit": -1}}, "only from RabbitMQ 4.0 on"),
+        (
+            "3.10.8",
+            {"type": "quorum", "effective_policy_definition": {"delivery-limit": 2}},
+            "limit of 2 (from a policy)",
+        ),
+        ("4.0.5", {"type": "quorum"}, "default of 20"),
+        ("4.1.0", {"type": "quorum", "effective_policy_definition": {"delivery-limit": -1}}, None),
+        ("4.1.0", {"type": "quorum", "arguments": {"x-delivery-limit": -1}}, None),
+        (
+            "4.1.0",
+            {
+                "type": "quorum",
+                "arguments": {"x-delivery-limit": 50},
+                "effective_policy_definition": {"delivery-limit": 5},
+            },
+            "limit of 5 (from a policy)",
+        ),
+        ("4.1.0", {"type": "classic"}, None),  # classic queues have no delivery limit
+        (None, {"type": "quorum"}, None),  # version unknown: only an explicit limit is reported
+        (None, {"type": "quorum", "arguments": {"x-delivery-limit": 3}}, "limit of 3 (from its x-delivery-limit"),
+    ],
+)
+def test_dead_letter_limit_warnings(version: str | None, info: dict[str, Any], expected: str | None) -> None:
+    """A dead-letter queue is safe to read only without a delivery limit: what counts as one on each version."""
+    from queueable.cli.status import dead_letter_limit_warnings  # noqa: PLC0415
+
+    found = dead_letter_limit_warnings(
+        version, {"jobs.dead": {"name": "jobs.dead", **info}}, ["jobs.dead", "gone.dead"]
+    )
+    if expected is None:
+        assert found == []
+    else:
+        assert len(found) == 1
+        assert expected in found[0]
+        assert found[0].startswith("jobs.dead ")
 
 
 def test_management_status_unreachable_is_a_broker_error() -> None:

@@ -3,7 +3,8 @@
 AMQP itself reports only ready messages and consumers (a passive ``queue.declare``), and cannot list queues:
 the delay queues that exist are found by probing every bucket of the transport's ladder (about 80 passive
 declares per work queue, a fraction of a second). Unacked counts, and the queue list, come from the management
-HTTP API when ``--management-url`` is given.
+HTTP API when ``--management-url`` is given, and with them a warning for every dead-letter queue whose
+delivery limit would let reading it drop its dead letters (RabbitMQ 4's default limit included).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from queueable._deadletters import DeadLetterAdmin, QueueKind, QueueStatus, form
 from queueable.cli._common import EXIT_BROKER, CliError, cli_errors, echo_json, resolve_settings, url_option
 from queueable.cli.dead import quiet_client_logs
 
-__all__ = ["delay_queue_names", "management_status", "status"]
+__all__ = ["dead_letter_limit_warnings", "delay_queue_names", "management_status", "status"]
 
 
 @click.command()
@@ -35,7 +36,8 @@ __all__ = ["delay_queue_names", "management_status", "status"]
     envvar="QUEUEABLE_MANAGEMENT_URL",
     show_envvar=True,
     metavar="URL",
-    help="RabbitMQ management API (http://user:pass@host:15672) for unacked counts and delay queues.",
+    help="RabbitMQ management API (http://user:pass@host:15672) for unacked counts, delay queues, and a "
+    "check that no delivery limit can drop dead letters (warnings on stderr).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per queue, one per line.")
 @cli_errors
@@ -59,8 +61,11 @@ def status(
 
     quiet_client_logs()
     rows = asyncio.run(work())
+    warnings: list[str] = []
     if management_url:
-        rows = management_status(management_url, _vhost(settings.url), admin.queues, rows)
+        rows = management_status(management_url, _vhost(settings.url), admin.queues, rows, warnings=warnings)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         for row in rows:
             echo_json(row.as_dict())
@@ -98,10 +103,21 @@ def _vhost(url: str | None) -> str:
 
 
 def management_status(
-    management_url: str, vhost: str, work_queues: list[str], rows: list[QueueStatus]
+    management_url: str,
+    vhost: str,
+    work_queues: list[str],
+    rows: list[QueueStatus],
+    *,
+    warnings: list[str] | None = None,
 ) -> list[QueueStatus]:
-    """``rows`` completed from the management API: unacked counts, and the delay queues that exist."""
+    """``rows`` completed from the management API: unacked counts, and the delay queues that exist.
+
+    ``warnings``, when given, receives what puts dead letters at risk (:func:`dead_letter_limit_warnings`).
+    """
     queues = {q["name"]: q for q in _fetch_queues(management_url, vhost)}
+    if warnings is not None:
+        dead = [row.name for row in rows if row.kind is QueueKind.DEAD]
+        warnings.extend(dead_letter_limit_warnings(_fetch_version(management_url), queues, dead))
     completed = [
         QueueStatus(
             row.name,
@@ -137,6 +153,22 @@ def _field(queues: dict[str, dict[str, Any]], name: str, key: str, default: int 
 
 
 def _fetch_queues(management_url: str, vhost: str) -> list[dict[str, Any]]:
+    columns = "name,messages_ready,messages_unacknowledged,consumers,type,arguments,effective_policy_definition"
+    data = _get_json(management_url, f"/api/queues/{urllib.parse.quote(vhost, safe='')}?columns={columns}")
+    if not isinstance(data, list):
+        msg = f"the management API returned {type(data).__qualname__}, not a list of queues"
+        raise CliError(msg, EXIT_BROKER)
+    return [q for q in data if isinstance(q, dict) and isinstance(q.get("name"), str)]
+
+
+def _fetch_version(management_url: str) -> str | None:
+    """The broker's version (``/api/overview``), or ``None`` if the answer does not say."""
+    data = _get_json(management_url, "/api/overview")
+    version = data.get("rabbitmq_version") if isinstance(data, dict) else None
+    return version if isinstance(version, str) else None
+
+
+def _get_json(management_url: str, path: str) -> Any:
     parts = urllib.parse.urlsplit(management_url)
     if parts.scheme not in ("http", "https"):
         msg = f"--management-url must be http:// or https://, got {parts.scheme or 'nothing'}"
@@ -144,20 +176,69 @@ def _fetch_queues(management_url: str, vhost: str) -> list[dict[str, Any]]:
     host = parts.hostname or "localhost"
     netloc = f"{host}:{parts.port}" if parts.port else host
     base = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-    columns = "name,messages_ready,messages_unacknowledged,consumers"
-    endpoint = f"{base}/api/queues/{urllib.parse.quote(vhost, safe='')}?columns={columns}"
-    request = urllib.request.Request(endpoint, headers={"Accept": "application/json"})  # noqa: S310 - scheme checked above
+    request = urllib.request.Request(base + path, headers={"Accept": "application/json"})  # noqa: S310 - scheme checked above
     user = urllib.parse.unquote(parts.username or "guest")
     password = urllib.parse.unquote(parts.password or "guest")
     token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
     request.add_header("Authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - scheme checked above
-            data = json.load(response)
+            return json.load(response)
     except (OSError, ValueError) as exc:
         msg = f"management API at {base} did not answer: {exc}"
         raise CliError(msg, EXIT_BROKER) from exc
-    if not isinstance(data, list):
-        msg = f"management API at {base} returned {type(data).__qualname__}, not a list of queues"
-        raise CliError(msg, EXIT_BROKER)
-    return [q for q in data if isinstance(q, dict) and isinstance(q.get("name"), str)]
+
+
+#: RabbitMQ's default delivery limit for quorum queues that set none, from 4.0 on.
+DEFAULT_DELIVERY_LIMIT_4 = 20
+
+
+def dead_letter_limit_warnings(
+    version: str | None, queues: dict[str, dict[str, Any]], dead_queues: list[str]
+) -> list[str]:
+    """What puts the dead letters of ``dead_queues`` at risk: a delivery limit on a quorum dead-letter queue.
+
+    Reading a dead-letter queue (``dead list``, ``show``, ``replay``...) returns its messages to it, and a
+    quorum queue counts each return as a delivery; past a delivery limit the broker drops them (a ``.dead``
+    queue has no dead-letter exchange of its own). So a ``.dead`` quorum queue needs no limit at all: none set
+    on RabbitMQ 3.x; ``-1`` on 4.x, which otherwise applies its default of 20. RabbitMQ 3.10 reads ``-1`` as a
+    limit below every count (seen on 3.10.8: a letter went at its first return).
+    """
+    try:
+        major = int((version or "").split(".", 1)[0])
+    except ValueError:
+        major = None
+    found: list[str] = []
+    for name in dead_queues:
+        info = queues.get(name)
+        if info is None or info.get("type") != "quorum":
+            continue
+        limits = [
+            (source, value)
+            for source, value in (
+                ("its x-delivery-limit argument", (info.get("arguments") or {}).get("x-delivery-limit")),
+                ("a policy", (info.get("effective_policy_definition") or {}).get("delivery-limit")),
+            )
+            if isinstance(value, int) and not isinstance(value, bool)
+        ]
+        finite = [(source, value) for source, value in limits if value >= 0]
+        fix = "a policy with delivery-limit: -1" if major is not None and major >= 4 else "no delivery limit"  # noqa: PLR2004
+        if finite:
+            source, value = min(finite, key=lambda item: item[1])
+            found.append(
+                f"{name} has a delivery limit of {value} (from {source}): every read of a dead-letter queue "
+                f"counts as a delivery, so its dead letters are dropped after {value}; give it {fix}"
+            )
+        elif limits and major is not None and major < 4:  # noqa: PLR2004 - only -1 is set
+            found.append(
+                f"{name} has a delivery limit of -1, which means 'no limit' only from RabbitMQ 4.0 on "
+                f"(3.10 drops a dead letter the first time it is read); on {version}, remove it: RabbitMQ 3.x "
+                "has no default limit"
+            )
+        elif not limits and major is not None and major >= 4:  # noqa: PLR2004
+            found.append(
+                f"{name} has no delivery limit of its own, so RabbitMQ {version} applies its default of "
+                f"{DEFAULT_DELIVERY_LIMIT_4}: every read of a dead-letter queue counts as a delivery, so its dead "
+                f"letters are dropped after {DEFAULT_DELIVERY_LIMIT_4}; give it {fix}"
+            )
+    return found
