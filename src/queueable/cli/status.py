@@ -189,8 +189,9 @@ def _get_json(management_url: str, path: str) -> Any:
         raise CliError(msg, EXIT_BROKER) from exc
 
 
-#: RabbitMQ's default delivery limit for quorum queues that set none, from 4.0 on.
+#: RabbitMQ's default delivery limit for quorum queues that set none, from this major version on.
 DEFAULT_DELIVERY_LIMIT_4 = 20
+_DEFAULT_LIMIT_SINCE = 4
 
 
 def dead_letter_limit_warnings(
@@ -205,9 +206,12 @@ def dead_letter_limit_warnings(
     limit below every count (seen on 3.10.8: a letter went at its first return).
     """
     try:
-        major = int((version or "").split(".", 1)[0])
+        major: int | None = int((version or "").split(".", 1)[0])
     except ValueError:
         major = None
+    has_default = major is not None and major >= _DEFAULT_LIMIT_SINCE  # and -1 means no limit
+    before_default = major is not None and major < _DEFAULT_LIMIT_SINCE
+    fix = "a policy with delivery-limit: -1" if has_default else "no delivery limit"
     found: list[str] = []
     for name in dead_queues:
         info = queues.get(name)
@@ -222,20 +226,19 @@ def dead_letter_limit_warnings(
             if isinstance(value, int) and not isinstance(value, bool)
         ]
         finite = [(source, value) for source, value in limits if value >= 0]
-        fix = "a policy with delivery-limit: -1" if major is not None and major >= 4 else "no delivery limit"  # noqa: PLR2004
         if finite:
             source, value = min(finite, key=lambda item: item[1])
             found.append(
                 f"{name} has a delivery limit of {value} (from {source}): every read of a dead-letter queue "
                 f"counts as a delivery, so its dead letters are dropped after {value}; give it {fix}"
             )
-        elif limits and major is not None and major < 4:  # noqa: PLR2004 - only -1 is set
+        elif limits and before_default:  # only -1 is set
             found.append(
                 f"{name} has a delivery limit of -1, which means 'no limit' only from RabbitMQ 4.0 on "
                 f"(3.10 drops a dead letter the first time it is read); on {version}, remove it: RabbitMQ 3.x "
                 "has no default limit"
             )
-        elif not limits and major is not None and major >= 4:  # noqa: PLR2004
+        elif not limits and has_default:
             found.append(
                 f"{name} has no delivery limit of its own, so RabbitMQ {version} applies its default of "
                 f"{DEFAULT_DELIVERY_LIMIT_4}: every read of a dead-letter queue counts as a delivery, so its dead "
