@@ -89,3 +89,25 @@ def test_what_pamqp_cannot_encode_fails_the_same_way(fields):
         _pamqp(message, message.message_id, 1, 0)
     with pytest.raises(type(stock.value)):
         _header_frame(message, message.message_id, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"x-queueable-attempt": True},  # equal to the cached int 1, another type
+        {"x-queueable-attempt": 1.0},
+        {"x-queueable-attempt": 2**70},  # beyond AMQP's integers: sent as a string
+        {"x-queueable-wire": "1"},
+        {"x-queueable-event-version": None},
+        {"x-queueable-listener": b"mailer:notify_author"},
+        {"x-queueable-extra": {"nested": 1}},
+    ],
+)
+def test_cached_header_entries_stand_in_for_nothing_else(change):
+    """With the usual entries cached, a value equal to one of them but of another type, or one AMQP cannot
+    carry as it is, still encodes as pamqp does.
+    """
+    usual = OutgoingMessage(queue="q", body=b"", headers=HEADERS, correlation_id="c", type="ev")
+    assert _header_frame(usual, usual.message_id, 1, 9) == _pamqp(usual, usual.message_id, 1, 9)  # now cached
+    message = OutgoingMessage(queue="q", body=b"", headers={**HEADERS, **change}, correlation_id="c", type="ev")
+    assert _header_frame(message, message.message_id, 1, 9) == _pamqp(message, message.message_id, 1, 9)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import random
+import subprocess
+import sys
+import threading
 import uuid
 from datetime import UTC, datetime
 
 import pytest
 
-from queueable._wire import iso_now, new_message_id
+from queueable._wire import OutgoingMessage, iso_now, new_message_id, outgoing
 
 
 def _reference(ts: float) -> str:
@@ -30,6 +35,51 @@ def test_message_ids_are_uuid4_hex() -> None:
 def test_message_ids_are_unique() -> None:
     """Ids drawn in a row never repeat."""
     assert len({new_message_id() for _ in range(50_000)}) == 50_000
+
+
+def test_message_ids_are_unique_across_threads() -> None:
+    """Threads drawing ids at once from the drawn-ahead ids never get the same one."""
+    drawn: list[list[str]] = [[] for _ in range(8)]
+
+    def draw(into: list[str]) -> None:
+        into.extend(new_message_id() for _ in range(20_000))
+
+    threads = [threading.Thread(target=draw, args=(into,)) for into in drawn]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [message_id for into in drawn for message_id in into]
+    assert len(every) == 160_000
+    assert len(set(every)) == 160_000
+
+
+_FORK_SCRIPT = """
+import os, sys
+from queueable._wire import new_message_id
+new_message_id()  # the parent has ids drawn ahead now
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(read)
+    os.write(write, ",".join(new_message_id() for _ in range(20)).encode())
+    os._exit(0)
+os.close(write)
+os.waitpid(pid, 0)
+child = set(os.read(read, 65536).decode().split(","))
+parent = {new_message_id() for _ in range(20)}
+assert len(child) == 20, child
+print(len(child & parent))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_reuse_the_ids_its_parent_drew_ahead() -> None:
+    """After a fork, parent and child both draw ids: none is drawn by both."""
+    result = subprocess.run(  # noqa: S603 - our own script; a fresh interpreter, as forking pytest would fork its threads
+        [sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "0"
 
 
 @pytest.mark.parametrize(
@@ -65,3 +115,24 @@ def test_iso_now_defaults_to_the_current_time() -> None:
     assert abs(parsed.timestamp() - datetime.now(UTC).timestamp()) < 5
     assert text.endswith("+00:00")
     assert len(text.split(".")[1]) == len("123+00:00")
+
+
+def test_outgoing_builds_what_the_constructor_builds() -> None:
+    """The dispatch path's constructor gives a message equal in every field, as frozen as the class's own."""
+    values = {
+        "queue": "mail",
+        "body": b"{}",
+        "headers": {"x-queueable-attempt": 1},
+        "message_id": "m1",
+        "correlation_id": "c1",
+        "timestamp": 1_767_225_600.25,
+        "content_type": "application/json",
+        "type": "order.placed",
+    }
+    assert [each.name for each in dataclasses.fields(OutgoingMessage)] == list(values)
+    built = outgoing(*values.values())
+    assert type(built) is OutgoingMessage
+    assert built == OutgoingMessage(**values)
+    assert dataclasses.asdict(built) == values
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.queue = "other"  # type: ignore[misc]

@@ -99,6 +99,8 @@ _scope_get = _scope.get
 _scope_set = _scope.set
 _time = time.time
 _correlation_get = correlation_id.get
+_outgoing = _wire.outgoing
+_new_id = _wire.new_message_id
 
 
 def open_scope(owner: EventDispatcher | None) -> tuple[_Scope, contextvars.Token[_Scope | None]]:
@@ -225,10 +227,10 @@ def _build(
         corr = _wire.new_message_id()
     created = _wire.iso_now(now)
     return [
-        _wire.OutgoingMessage(
-            queue=entry.queue_name,
-            body=body,
-            headers={
+        _outgoing(
+            entry.queue_name,
+            body,
+            {
                 _wire.H_WIRE: _wire.WIRE_VERSION,
                 _wire.H_LISTENER: entry.id,
                 _wire.H_EVENT: name,
@@ -236,9 +238,11 @@ def _build(
                 _wire.H_ATTEMPT: 1,
                 _wire.H_CREATED: created,
             },
-            correlation_id=corr,
-            timestamp=now,
-            type=name,
+            _new_id(),
+            corr,
+            now,
+            _wire.CONTENT_TYPE,
+            name,
         )
         for entry in listeners
     ]

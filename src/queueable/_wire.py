@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -76,17 +76,42 @@ def iso_now(clock: float | None = None) -> str:
     return f"{prefix}.{micro // 1000:03d}+00:00"
 
 
-_UUID4_KEEP = ((1 << 128) - 1) & ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
+# Version 4 in the high nibble of byte 6, the RFC 4122 variant in the top bits of byte 8: what uuid.uuid4() sets.
+_UUID4_VERSION = bytes((b & 0x0F) | 0x40 for b in range(256))
+_UUID4_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))
+_IDS_PER_READ = 64
+
+#: Message ids drawn ahead, taken from the end (``list.pop`` hands each out once, also across threads).
+_ids: list[str] = []
+
+
+def _fresh_ids() -> list[str]:
+    """``_IDS_PER_READ`` version-4 UUIDs in hex, from one ``os.urandom`` call."""
+    raw = bytearray(os.urandom(16 * _IDS_PER_READ))
+    raw[6::16] = raw[6::16].translate(_UUID4_VERSION)
+    raw[8::16] = raw[8::16].translate(_UUID4_VARIANT)
+    text = raw.hex()
+    return [text[at : at + 32] for at in range(0, len(text), 32)]
+
+
+if hasattr(os, "register_at_fork"):
+    # A forked child must not hand out the ids its parent drew ahead (the parent hands them out too).
+    os.register_at_fork(after_in_child=_ids.clear)
 
 
 def new_message_id() -> str:
     """A fresh, unique message id (also the idempotency key a listener may use).
 
     A random version-4 UUID as 32 hex characters, exactly what ``uuid.uuid4().hex`` returns, built from
-    ``os.urandom`` without the ``UUID`` object: it runs for every message and every dispatch.
+    ``os.urandom`` without the ``UUID`` object: it runs for every message and every dispatch. The random bytes
+    are read 64 ids at a time: a system call per id cost more than the rest of the id, and more again on a
+    virtual machine right after the process waited for I/O, which is where a dispatch usually starts.
     """
-    return f"{int.from_bytes(os.urandom(16)) & _UUID4_KEEP | _UUID4_SET:032x}"
+    while True:
+        try:
+            return _ids.pop()
+        except IndexError:
+            _ids.extend(_fresh_ids())
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +130,39 @@ class OutgoingMessage:
     timestamp: float = field(default_factory=time.time)
     content_type: str | None = CONTENT_TYPE
     type: str | None = None
+
+
+# The slots of OutgoingMessage, written directly: see outgoing().
+(_set_queue, _set_body, _set_headers, _set_message_id, _set_correlation_id, _set_timestamp, _set_content_type,
+ _set_type) = (vars(OutgoingMessage)[each.name].__set__ for each in fields(OutgoingMessage))  # fmt: skip
+_new = object.__new__
+
+
+def outgoing(  # noqa: PLR0917 - one argument per field, in the fields' order
+    queue: str,
+    body: bytes,
+    headers: dict[str, Any],
+    message_id: str,
+    correlation_id: str | None,
+    timestamp: float,
+    content_type: str | None,
+    type: str | None,  # noqa: A002 - the field's name
+) -> OutgoingMessage:
+    """``OutgoingMessage(...)`` with every field given, for the dispatch path (one per message).
+
+    The frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``; this writes the slots
+    directly, about a microsecond less per message. The result is equal in every field.
+    """
+    message: OutgoingMessage = _new(OutgoingMessage)
+    _set_queue(message, queue)
+    _set_body(message, body)
+    _set_headers(message, headers)
+    _set_message_id(message, message_id)
+    _set_correlation_id(message, correlation_id)
+    _set_timestamp(message, timestamp)
+    _set_content_type(message, content_type)
+    _set_type(message, type)
+    return message
 
 
 @dataclass(frozen=True, slots=True)
