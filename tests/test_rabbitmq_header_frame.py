@@ -11,6 +11,7 @@ from pamqp.frame import marshal
 from pamqp.header import ContentHeader
 
 from queueable import OutgoingMessage
+from queueable.transport import rabbitmq
 from queueable.transport.rabbitmq import _header_frame, amqp_headers
 
 HEADERS = {
@@ -111,3 +112,44 @@ def test_cached_header_entries_stand_in_for_nothing_else(change):
     assert _header_frame(usual, usual.message_id, 1, 9) == _pamqp(usual, usual.message_id, 1, 9)  # now cached
     message = OutgoingMessage(queue="q", body=b"", headers={**HEADERS, **change}, correlation_id="c", type="ev")
     assert _header_frame(message, message.message_id, 1, 9) == _pamqp(message, message.message_id, 1, 9)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"x-queueable-created-at": "2031-01-02T03:04:05.678+00:00"},  # new with every dispatch
+        {"x-queueable-created-at": ""},
+        {"note": "ünïcödé ✓ " * 40},  # a long string, several bytes per character
+        {"k" * 128: "a key at pamqp's limit"},
+        {"k" * 129: "a key pamqp truncates"},
+        {"é" * 65: "a key over the limit in bytes only"},
+    ],
+)
+def test_string_entries_not_cached_yet_encode_as_pamqp_does(entry):
+    """A string header seen for the first time, whatever its key and text, encodes as pamqp does, and again
+    once cached.
+    """
+    message = OutgoingMessage(queue="q", body=b"", headers={**HEADERS, **entry}, correlation_id="c", type="ev")
+    expected = _pamqp(message, message.message_id, 1, 9)
+    assert _header_frame(message, message.message_id, 1, 9) == expected
+    assert _header_frame(message, message.message_id, 1, 9) == expected
+
+
+def test_header_frames_across_a_full_cache_match_pamqp(monkeypatch):
+    """Across cache hits, misses and clears (a tiny cache), every header frame is pamqp's."""
+    monkeypatch.setattr(rabbitmq, "_HEADER_VALUES_MAX", 4)
+    monkeypatch.setattr(rabbitmq, "_HEADER_KEYS_MAX", 3)
+    monkeypatch.setattr(rabbitmq, "_HEADER_ENTRIES", {})
+    rng = random.Random(8)
+    for n in range(500):
+        headers = {
+            **HEADERS,
+            "x-queueable-listener": f"svc:listener_{rng.randrange(5)}",
+            "x-queueable-attempt": rng.randrange(1, 6),
+            "x-queueable-created-at": f"2026-11-29T12:00:{n % 60:02d}.{n:03d}+00:00",
+            "flag": rng.choice([1, True, "1"]),
+        }
+        message = OutgoingMessage(queue="q", body=b"", headers=headers, correlation_id=f"c{n}", type="ev")
+        assert _header_frame(message, message.message_id, 1, n) == _pamqp(message, message.message_id, 1, n)
+    assert len(rabbitmq._HEADER_ENTRIES) <= 3
+    assert all(len(values) <= 4 for values in rabbitmq._HEADER_ENTRIES.values())

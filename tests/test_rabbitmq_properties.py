@@ -78,7 +78,8 @@ def test_optional_properties_left_out_like_pamqp():
 
 def test_many_messages_and_a_full_cache_match_pamqp(monkeypatch):
     """Across cache hits, misses and clears (a tiny cache), every message encodes as pamqp does."""
-    monkeypatch.setattr(rabbitmq, "_HEADER_ENTRIES_MAX", 8)
+    monkeypatch.setattr(rabbitmq, "_HEADER_VALUES_MAX", 4)
+    monkeypatch.setattr(rabbitmq, "_HEADER_KEYS_MAX", 3)
     monkeypatch.setattr(rabbitmq, "_HEADER_ENTRIES", {})
     rng = random.Random(6)
     for n in range(500):
@@ -90,7 +91,8 @@ def test_many_messages_and_a_full_cache_match_pamqp(monkeypatch):
         }
         message = _message(headers, correlation_id=f"c{n}", timestamp=1_767_225_600 + n / 7)
         assert _properties(message).marshal() == _stock(message).marshal()
-    assert len(rabbitmq._HEADER_ENTRIES) <= 8
+    assert len(rabbitmq._HEADER_ENTRIES) <= 3
+    assert all(len(values) <= 4 for values in rabbitmq._HEADER_ENTRIES.values())
 
 
 def test_true_and_one_are_not_confused_by_the_cache(monkeypatch):

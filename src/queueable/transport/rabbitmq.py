@@ -303,10 +303,26 @@ def _amqp_value(value: Any) -> Any:  # noqa: PLR0911 - one return per AMQP type 
     return str(value)
 
 
-#: Encoded header entries (key and value, as pamqp writes them) by (key, value type, value): every message of a
-#: listener repeats the same wire version, listener, event, version and attempt. Cleared when full.
-_HEADER_ENTRIES: dict[tuple[str, type, object], bytes] = {}
-_HEADER_ENTRIES_MAX = 4096
+#: Encoded header entries (key and value, as pamqp writes them), per key, by value: every message of a listener
+#: repeats the same wire version, listener, event, version and attempt. Only ``str`` and ``int`` values (exact
+#: types: no ``bool``), which never equal one another. A key holds at most _HEADER_VALUES_MAX values (a
+#: timestamp header has a new one with every dispatch, and must not push the others out); the table at most
+#: _HEADER_KEYS_MAX keys. Each is cleared when full.
+_HEADER_ENTRIES: dict[object, dict[str | int, bytes]] = {}
+_HEADER_VALUES_MAX = 64
+_HEADER_KEYS_MAX = 256
+
+
+def _remember(key: object, value: str | int, piece: bytes) -> None:
+    """Cache the encoded entry ``key: value``."""
+    values = _HEADER_ENTRIES.get(key)
+    if values is None:
+        if len(_HEADER_ENTRIES) >= _HEADER_KEYS_MAX:
+            _HEADER_ENTRIES.clear()
+        values = _HEADER_ENTRIES[key] = {}
+    elif len(values) >= _HEADER_VALUES_MAX:
+        values.clear()
+    values[value] = piece
 
 
 def _field_table(headers: Mapping[str, Any]) -> bytes:
@@ -316,12 +332,11 @@ def _field_table(headers: Mapping[str, Any]) -> bytes:
     for key, value in sorted(headers.items()):  # pamqp sorts the keys too
         kind = type(value)
         if kind is str or kind is int:
-            piece = entries.get((key, kind, value))
+            values = entries.get(key)
+            piece = values.get(value) if values is not None else None
             if piece is None:
                 piece = encode.field_table({key: value})[4:]  # pamqp's own encoding, without the length
-                if len(entries) >= _HEADER_ENTRIES_MAX:
-                    entries.clear()
-                entries[key, kind, value] = piece
+                _remember(key, value, piece)
         else:
             piece = encode.field_table({key: value})[4:]
         parts.append(piece)
@@ -330,21 +345,42 @@ def _field_table(headers: Mapping[str, Any]) -> bytes:
 
 
 def _header_table(headers: Mapping[str, Any]) -> bytes:
-    """``_field_table(amqp_headers(headers))``: in one pass over the cached entries when every entry is one.
+    """``_field_table(amqp_headers(headers))``, in one pass when every entry is a string or an int.
 
-    An entry is cached only as :func:`_field_table` encoded it, after :func:`amqp_headers` (a string or an int
-    that AMQP carries as it is), so a hit needs no conversion; any miss takes the general path.
+    Cached entries were encoded as :func:`_field_table` encodes them, after :func:`amqp_headers` (a string or
+    an int that AMQP carries as it is), so a hit needs no conversion. A string entry that is not cached yet (a
+    timestamp, which changes with every dispatch) is encoded here, as pamqp does it; anything else takes the
+    general path.
     """
     entries = _HEADER_ENTRIES
     parts = []
     for key, value in sorted(headers.items()):
         kind = type(value)
-        piece = entries.get((key, kind, value)) if kind is str or kind is int else None
-        if piece is None:
+        if kind is not str and kind is not int:
             return _field_table(amqp_headers(headers))
+        values = entries.get(key)
+        piece = values.get(value) if values is not None else None
+        if piece is None:
+            piece = _string_entry(key, value) if kind is str else None
+            if piece is None:
+                return _field_table(amqp_headers(headers))
+            _remember(key, value, piece)
         parts.append(piece)
     table = b"".join(parts)
     return len(table).to_bytes(4, "big") + table
+
+
+def _string_entry(key: object, value: str) -> bytes | None:
+    """pamqp's encoding of the table entry ``key: value`` (value a ``str``), or ``None`` where pamqp does more
+    than the plain case (a key that is not a ``str`` or over 128 bytes, which pamqp truncates).
+    """
+    if type(key) is not str:
+        return None
+    name = key.encode()
+    data = value.encode()
+    if len(name) > 128 or len(data) > 0xFFFFFFFF:  # noqa: PLR2004 - pamqp's limits on keys and long strings
+        return None
+    return _BYTE[len(name)] + name + b"S" + len(data).to_bytes(4, "big") + data
 
 
 _SHORTSTR, _TABLE, _OCTET, _TIMESTAMP = range(4)
