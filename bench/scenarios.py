@@ -374,6 +374,79 @@ async def _rotating_rounds(
     return p50
 
 
+def _broker_pid() -> int | None:
+    """The process of the local RabbitMQ node (``beam.smp`` running ``rabbit``), or ``None``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            beam = (entry / "comm").read_text().strip() == "beam.smp"
+            if beam and b"rabbit" in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def _process_cpu_ns(pid: int) -> int:
+    """The CPU time (ns) that every thread of ``pid`` has used so far (``/proc/PID/task/*/schedstat``)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
+async def fanout_cpu(bench: Bench) -> list[Row]:
+    """Who pays for more listeners: the broker's CPU and this process's per dispatch, 3 queued listeners vs 1.
+
+    Not in the default run (``--only fanout_cpu``); needs the broker on this host (its ``beam.smp`` in
+    ``/proc``). Blocks of sequential dispatches, the two sides alternating block by block (ABBA); per block the
+    CPU time of every thread of the broker's process and of this one, and the wall time, divided by the
+    dispatches. A pause before each block lets the broker finish the previous one's work; what the broker does
+    on its own meanwhile (statistics, timers) lands in whichever block it falls in, which the median over
+    rounds absorbs.
+    """
+    pid = _broker_pid()
+    if pid is None:
+        print("[bench] fanout_cpu: no local beam.smp running rabbit in /proc; skipped", file=sys.stderr)
+        return []
+    sides = (("3 listeners", OrderShipped), ("1 listener", OrderPlaced))
+    block = max(bench.sizes.latency_samples // 3, 20)  # short blocks, many of them: this VM drifts in seconds
+    figures: dict[str, Times] = {"broker": ([], []), "client": ([], []), "wall": ([], [])}
+    for warm in range(20):
+        for _, cls in sides:
+            await bench.dispatch(order(cls, warm))
+    for index, side in enumerate(_ladder(3 * bench.sizes.rounds)):
+        cls = sides[side][1]
+        events = [order(cls, index * block + i) for i in range(block)]
+        await asyncio.sleep(0.02)
+        broker, client, wall = _process_cpu_ns(pid), time.process_time_ns(), time.perf_counter_ns()
+        for event in events:
+            await bench.dispatch(event)
+        wall = time.perf_counter_ns() - wall
+        client = time.process_time_ns() - client
+        await asyncio.sleep(0.02)
+        broker = _process_cpu_ns(pid) - broker
+        for figure, value in (("broker", broker), ("client", client), ("wall", wall)):
+            figures[figure][side].append(value / block / 1e3)
+            bench.keep(f"fanout_cpu.{figure}", sides[side][0], figures[figure][side][-1])
+    await purge(bench.raw_channel, bench.names.publish)
+    labels = {
+        "broker": "broker CPU per dispatch (beam.smp, all threads)",
+        "client": "client CPU per dispatch (this process)",
+        "wall": "wall time per dispatch, sequential",
+    }
+    return [
+        Row(f"fanout_cpu.{figure}", f"3 queued listeners: {label}", "µs", Spread.of(values[0]),
+            Spread.of(values[1]), "1 listener", None, lower_is_better=True)
+        for figure, label in labels.items()
+        for values in (figures[figure],)
+    ]  # fmt: skip
+
+
 # -- 2: throughput of concurrent dispatches ----------------------------------------------------------------
 
 
@@ -704,4 +777,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
 #: Run only when asked for (``--only``): details behind a figure of the default run.
 EXTRA_SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "fanout_detail": fanout_detail,
+    "fanout_cpu": fanout_cpu,
 }
