@@ -696,6 +696,72 @@ async def deferred(bench: Bench) -> list[Row]:
     ]
 
 
+COLD_PAUSE_S = 0.0015
+
+
+def _cold_pieces(bench: Bench) -> dict[str, Callable[[Any], Awaitable[int]]]:
+    """The code that :func:`cold` times, by name; each returns its own wall time (ns)."""
+    dispatcher = bench.app.dispatcher
+    serializer = OrderPlaced.__pydantic_serializer__  # type: ignore[attr-defined]
+    clock = time.perf_counter_ns
+
+    async def window(event: Any) -> int:
+        start = clock()
+        scope = dispatcher.deferred()
+        await scope.__aenter__()
+        await dispatcher.dispatch(event)
+        took = clock() - start
+        scope.pending.clear()  # nothing to publish: only the request's share is measured here
+        await scope.__aexit__(None, None, None)
+        return took
+
+    async def to_json(event: Any) -> int:
+        start = clock()
+        serializer.to_json(event)
+        return clock() - start
+
+    async def additions(_event: Any) -> int:
+        start = clock()
+        total = 0
+        for step in range(100):
+            total += step
+        return clock() - start
+
+    return {"deferred window": window, "to_json of the event": to_json, "100 additions": additions}
+
+
+async def cold(bench: Bench) -> list[Row]:
+    """How much slower code runs right after the process waited: the machine's share of the deferred figure.
+
+    Not in the default run (``--only cold``). Three pieces of code, each timed back to back (warm) and right
+    after a 1.5 ms sleep (cold, where a deferred dispatch starts: after the previous request's I/O): the
+    deferred window itself (``deferred()``, enter, ``dispatch()``, without its flush), pydantic's ``to_json``
+    of the event alone, and a pure-Python loop of 100 additions. Wall time per run, p50 and p99 per round.
+    """
+    pieces = _cold_pieces(bench)
+    samples = max(bench.sizes.deferred_samples // 4, 100)
+    figures: dict[tuple[str, str, int], list[float]] = {}
+    for round_index in range(-1, bench.sizes.rounds):  # round -1 warms up
+        events = [order(OrderPlaced, i) for i in range(samples)]
+        for name, piece in pieces.items():
+            for state in ("warm", "cold"):
+                times = []
+                for event in events:
+                    if state == "cold":
+                        await asyncio.sleep(COLD_PAUSE_S)
+                    times.append(await piece(event) / 1e3)
+                for q in (50, 99):
+                    if round_index >= 0:
+                        figures.setdefault((name, state, q), []).append(percentile(times, q))
+    return [
+        Row(f"cold.{name.replace(' ', '_')}.p{q}", f"{name}, after a {COLD_PAUSE_S * 1e3:g} ms sleep, p{q}", "µs",
+            Spread.of(figures[name, "cold", q]), Spread.of(figures[name, "warm", q]), "back to back", None,
+            lower_is_better=True)
+        for name in pieces
+        for q in (50, 99)
+    ]  # fmt: skip
+
+
 # -- 6: worker memory -------------------------------------------------------------------------------------------
 
 
@@ -778,4 +844,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
 EXTRA_SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "fanout_detail": fanout_detail,
     "fanout_cpu": fanout_cpu,
+    "cold": cold,
 }
