@@ -38,28 +38,38 @@ def test_message_ids_are_unique() -> None:
 
 
 def test_message_ids_are_unique_across_threads() -> None:
-    """Threads drawing ids at once from the drawn-ahead ids never get the same one."""
+    """Threads drawing ids at once from the drawn-ahead ids never get the same one.
+
+    The interpreter switches threads every microsecond here (5 ms by default, where they would barely overlap).
+    """
     drawn: list[list[str]] = [[] for _ in range(8)]
 
     def draw(into: list[str]) -> None:
         into.extend(new_message_id() for _ in range(20_000))
 
     threads = [threading.Thread(target=draw, args=(into,)) for into in drawn]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
     every = [message_id for into in drawn for message_id in into]
     assert len(every) == 160_000
     assert len(set(every)) == 160_000
 
 
 _FORK_SCRIPT = """
-import os, sys
+import ctypes, os, sys
 from queueable._wire import new_message_id
 new_message_id()  # the parent has ids drawn ahead now
+# os.fork runs Python's fork hooks; libc's fork, as uWSGI forks its workers by default, does not.
+fork = os.fork if sys.argv[1] == "os.fork" else ctypes.CDLL(None).fork
 read, write = os.pipe()
-pid = os.fork()
+pid = fork()
 if pid == 0:
     os.close(read)
     os.write(write, ",".join(new_message_id() for _ in range(20)).encode())
@@ -74,10 +84,11 @@ print(len(child & parent))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_does_not_reuse_the_ids_its_parent_drew_ahead() -> None:
-    """After a fork, parent and child both draw ids: none is drawn by both."""
+@pytest.mark.parametrize("fork", ["os.fork", "libc fork"])
+def test_a_forked_child_does_not_reuse_the_ids_its_parent_drew_ahead(fork: str) -> None:
+    """After a fork, with or without Python's fork hooks, parent and child both draw ids: none is drawn by both."""
     result = subprocess.run(  # noqa: S603 - our own script; a fresh interpreter, as forking pytest would fork its threads
-        [sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", _FORK_SCRIPT, fork], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "0"
 

@@ -81,8 +81,21 @@ _UUID4_VERSION = bytes((b & 0x0F) | 0x40 for b in range(256))
 _UUID4_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))
 _IDS_PER_READ = 64
 
-#: Message ids drawn ahead, taken from the end (``list.pop`` hands each out once, also across threads).
-_ids: list[str] = []
+
+class _DrawnIds:
+    """Message ids drawn ahead, taken from the end of ``ids`` (``list.pop`` hands each out once, also across
+    threads), and the process they were drawn in.
+    """
+
+    __slots__ = ("ids", "pid")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.pid = os.getpid()
+
+
+_drawn = _DrawnIds()
+_getpid = os.getpid
 
 
 def _fresh_ids() -> list[str]:
@@ -94,11 +107,6 @@ def _fresh_ids() -> list[str]:
     return [text[at : at + 32] for at in range(0, len(text), 32)]
 
 
-if hasattr(os, "register_at_fork"):
-    # A forked child must not hand out the ids its parent drew ahead (the parent hands them out too).
-    os.register_at_fork(after_in_child=_ids.clear)
-
-
 def new_message_id() -> str:
     """A fresh, unique message id (also the idempotency key a listener may use).
 
@@ -106,12 +114,21 @@ def new_message_id() -> str:
     ``os.urandom`` without the ``UUID`` object: it runs for every message and every dispatch. The random bytes
     are read 64 ids at a time: a system call per id cost more than the rest of the id, and more again on a
     virtual machine right after the process waited for I/O, which is where a dispatch usually starts.
+
+    A forked child never hands out the ids its parent drew ahead (the parent hands them out too): they belong to
+    the process that drew them, checked on every call, so that also holds where a server forks without Python's
+    fork hooks (uWSGI without ``py-call-osafterfork``).
     """
+    drawn = _drawn
+    ids = drawn.ids
+    if drawn.pid != _getpid():
+        ids.clear()
+        drawn.pid = _getpid()
     while True:
         try:
-            return _ids.pop()
+            return ids.pop()
         except IndexError:
-            _ids.extend(_fresh_ids())
+            ids.extend(_fresh_ids())
 
 
 @dataclass(frozen=True, slots=True)
