@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import random
 from datetime import UTC, datetime
 
@@ -153,3 +154,41 @@ def test_header_frames_across_a_full_cache_match_pamqp(monkeypatch):
         assert _header_frame(message, message.message_id, 1, n) == _pamqp(message, message.message_id, 1, n)
     assert len(rabbitmq._HEADER_ENTRIES) <= 3
     assert all(len(values) <= 4 for values in rabbitmq._HEADER_ENTRIES.values())
+
+
+class _Color(enum.Enum):
+    RED = 1
+    BLUE = 2
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-queueable-attempt": 1, 7: b"raw"},  # keys that sort only once amqp_headers made them strings
+        {_Color.RED: "a", _Color.BLUE: b"b"},
+        {"a": 2**70, None: "x"},
+    ],
+)
+def test_keys_of_mixed_types_encode_as_pamqp_does(headers):
+    """Keys that do not sort together as they are still give pamqp's table (amqp_headers turns them into text)."""
+    message = OutgoingMessage(queue="q", body=b"", headers=headers)  # type: ignore[arg-type]
+    assert _header_frame(message, message.message_id, 1, 0) == _pamqp(message, message.message_id, 1, 0)
+
+
+class _CaseInsensitive(str):
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.lower() == other.lower()
+
+    def __hash__(self) -> int:
+        return hash(self.lower())
+
+
+def test_a_key_with_its_own_equality_does_not_stand_in_for_another(monkeypatch):
+    """A str subclass key equal to another key is never cached, so it cannot leak its spelling into a header."""
+    monkeypatch.setattr(rabbitmq, "_HEADER_ENTRIES", {})
+    odd = OutgoingMessage(queue="q", body=b"", headers={_CaseInsensitive("X-Trace"): "abc"})
+    plain = OutgoingMessage(queue="q", body=b"", headers={"x-trace": "abc"})
+    for message in (odd, plain, odd, plain):
+        assert _header_frame(message, message.message_id, 1, 0) == _pamqp(message, message.message_id, 1, 0)

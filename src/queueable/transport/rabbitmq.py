@@ -331,7 +331,7 @@ def _field_table(headers: Mapping[str, Any]) -> bytes:
     parts = []
     for key, value in sorted(headers.items()):  # pamqp sorts the keys too
         kind = type(value)
-        if kind is str or kind is int:
+        if (kind is str or kind is int) and type(key) is str:  # a str subclass may define its own equality
             values = entries.get(key)
             piece = values.get(value) if values is not None else None
             if piece is None:
@@ -352,11 +352,15 @@ def _header_table(headers: Mapping[str, Any]) -> bytes:
     timestamp, which changes with every dispatch) is encoded here, as pamqp does it; anything else takes the
     general path.
     """
+    try:
+        items = sorted(headers.items())
+    except TypeError:  # keys that do not sort together; amqp_headers may turn them into strings that do
+        return _field_table(amqp_headers(headers))
     entries = _HEADER_ENTRIES
     parts = []
-    for key, value in sorted(headers.items()):
+    for key, value in items:
         kind = type(value)
-        if kind is not str and kind is not int:
+        if type(key) is not str or (kind is not str and kind is not int):
             return _field_table(amqp_headers(headers))
         values = entries.get(key)
         piece = values.get(value) if values is not None else None
@@ -370,12 +374,10 @@ def _header_table(headers: Mapping[str, Any]) -> bytes:
     return len(table).to_bytes(4, "big") + table
 
 
-def _string_entry(key: object, value: str) -> bytes | None:
-    """pamqp's encoding of the table entry ``key: value`` (value a ``str``), or ``None`` where pamqp does more
-    than the plain case (a key that is not a ``str`` or over 128 bytes, which pamqp truncates).
+def _string_entry(key: str, value: str) -> bytes | None:
+    """pamqp's encoding of the table entry ``key: value`` (both exactly ``str``), or ``None`` where pamqp does
+    more than the plain case (a key over 128 bytes, which pamqp truncates).
     """
-    if type(key) is not str:
-        return None
     name = key.encode()
     data = value.encode()
     if len(name) > 128 or len(data) > 0xFFFFFFFF:  # noqa: PLR2004 - pamqp's limits on keys and long strings
