@@ -304,16 +304,17 @@ def _amqp_value(value: Any) -> Any:  # noqa: PLR0911 - one return per AMQP type 
 
 
 #: Encoded header entries (key and value, as pamqp writes them), per key, by value: every message of a listener
-#: repeats the same wire version, listener, event, version and attempt. Only ``str`` and ``int`` values (exact
-#: types: no ``bool``), which never equal one another. A key holds at most _HEADER_VALUES_MAX values (a
+#: repeats the same wire version, listener, event, version and attempt. Only keys that are exactly ``str`` (a
+#: subclass may define its own equality) and values that are exactly ``str`` or ``int`` (no ``bool``), which
+#: never equal one another. A key holds at most _HEADER_VALUES_MAX values (a
 #: timestamp header has a new one with every dispatch, and must not push the others out); the table at most
 #: _HEADER_KEYS_MAX keys. Each is cleared when full.
-_HEADER_ENTRIES: dict[object, dict[str | int, bytes]] = {}
+_HEADER_ENTRIES: dict[str, dict[str | int, bytes]] = {}
 _HEADER_VALUES_MAX = 64
 _HEADER_KEYS_MAX = 256
 
 
-def _remember(key: object, value: str | int, piece: bytes) -> None:
+def _remember(key: str, value: str | int, piece: bytes) -> None:
     """Cache the encoded entry ``key: value``."""
     values = _HEADER_ENTRIES.get(key)
     if values is None:
@@ -331,7 +332,7 @@ def _field_table(headers: Mapping[str, Any]) -> bytes:
     parts = []
     for key, value in sorted(headers.items()):  # pamqp sorts the keys too
         kind = type(value)
-        if (kind is str or kind is int) and type(key) is str:  # a str subclass may define its own equality
+        if (kind is str or kind is int) and type(key) is str:
             values = entries.get(key)
             piece = values.get(value) if values is not None else None
             if piece is None:
