@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -525,6 +526,46 @@ async def test_replay_to_another_queue(quorum_world: World) -> None:
         await channel.close()
 
 
+async def test_browsing_a_large_queue_keeps_only_what_it_returns(world: World) -> None:
+    """Reading a dead-letter queue of 20 MB to find one letter, or the first three, holds those in memory, not
+    the queue; every letter stays where it was.
+    """
+    (template_id,) = await world.kill([OrderPlaced(id="big")], {"mail"})
+    (template,) = await world.drain(world.dead)
+    padding = b" " * 50_000  # JSON allows whitespace: each body stays a valid event
+    ids = [f"{template_id}-{i:03d}" for i in range(400)]
+    for message_id in ids:
+        await world.channel.default_exchange.publish(
+            aio_pika.Message(
+                template.body + padding,
+                headers=template.headers,
+                message_id=message_id,
+                content_type=template.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=world.dead,
+            mandatory=True,
+        )
+    assert await world.settled(world.dead, 400) == 400  # all in place before the first read
+    async with world.admin() as admin:
+        tracemalloc.start()
+        try:
+            found = await admin.browse(DeadFilter(ids=frozenset({ids[250]})))
+            _, peak_one = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            first = await admin.browse(limit=3)
+            _, peak_three = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert [m.message_id for m in found] == [ids[250]]
+    assert found[0].position == 250
+    assert [m.message_id for m in first] == ids[:3]
+    total = 400 * len(template.body + padding)  # 20 MB of bodies
+    assert peak_one < total / 8, (peak_one, total)
+    assert peak_three < total / 8, (peak_three, total)
+    assert await order_of(world, world.dead) == ids
+
+
 async def test_long_replay_takes_fresh_snapshots_and_keeps_order(world: World) -> None:
     """A replay longer than the hold budget returns its snapshot and takes another: same result, same order."""
     ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(6)], {"mail", "charge"})
@@ -534,9 +575,9 @@ async def test_long_replay_takes_fresh_snapshots_and_keeps_order(world: World) -
     class CountingAdmin(DeadLetterAdmin):
         snapshots = 0
 
-        def _snapshot(self, dead_queue: str) -> Any:
+        def _snapshot(self, dead_queue: str, *args: Any) -> Any:
             self.snapshots += 1
-            return super()._snapshot(dead_queue)
+            return super()._snapshot(dead_queue, *args)
 
     admin = CountingAdmin(world.settings, [world.queue], hold_seconds=0.05)
     async with admin:
@@ -1004,3 +1045,26 @@ async def test_admin_replay_stops_on_an_unroutable_queue(quorum_world: World) ->
             await admin.replay(DeadFilter())
     assert await order_of(world, world.dead) == [dead_id]
     assert await world.ready(world.queue) == 0
+
+
+async def test_letters_go_back_at_once_when_the_queue_does_not_show_them(
+    quorum_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the ready count never shows a returned chunk (something consumes the queue), the rest goes back at
+    once with a warning: every letter is still there.
+    """
+    world = quorum_world
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(40)], {"mail", "charge"})
+    assert len(ids) == 80
+
+    async def never(*_: Any) -> bool:
+        return False
+
+    monkeypatch.setattr("queueable._deadletters._until_ready", never)
+    async with world.admin() as admin:
+        found = await admin.browse(DeadFilter(listener="charge"))
+        warnings = list(admin.warnings)
+    assert len(found) == 40
+    assert any("went back at once" in warning for warning in warnings), warnings
+    assert await world.settled(world.dead, 80) == 80
+    assert sorted(await world.peek(world.dead)) == sorted(ids)  # all back; their order is the broker's
