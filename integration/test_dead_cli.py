@@ -33,7 +33,7 @@ import aio_pika
 import pytest
 from pydantic import BaseModel
 
-from queueable import App, Reject, RetryPolicy, Settings, event
+from queueable import App, Reject, RetryPolicy, Settings, _deadletters, event
 from queueable._consumer import DeadLetter
 from queueable._deadletters import DeadFilter, DeadLetterAdmin
 from queueable._dispatcher import build_messages
@@ -1057,8 +1057,8 @@ async def test_letters_go_back_at_once_when_the_queue_does_not_show_them(
     ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(40)], {"mail", "charge"})
     assert len(ids) == 80
 
-    async def never(*_: Any) -> bool:
-        return False
+    async def never(*_: Any) -> int | None:
+        return None
 
     monkeypatch.setattr("queueable._deadletters._until_ready", never)
     async with world.admin() as admin:
@@ -1068,3 +1068,30 @@ async def test_letters_go_back_at_once_when_the_queue_does_not_show_them(
     assert any("went back at once" in warning for warning in warnings), warnings
     assert await world.settled(world.dead, 80) == 80
     assert sorted(await world.peek(world.dead)) == sorted(ids)  # all back; their order is the broker's
+
+
+async def test_letters_arriving_while_a_snapshot_goes_back_are_reported(
+    quorum_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Letters dead-lettered while the others go back can fool the ready count: the command says so."""
+    world = quorum_world
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(40)], {"mail", "charge"})
+    real = _deadletters._until_ready
+    arrived: list[str] = []
+
+    async def with_arrivals(channel: Any, queue: str, count: int, timeout: float) -> int | None:
+        if not arrived:  # a worker dead-letters five more right after the first chunk went back
+            for n in range(5):
+                arrived.append(f"late-{n}")
+                await world.channel.default_exchange.publish(
+                    aio_pika.Message(b"{}", message_id=arrived[-1]), routing_key=world.dead
+                )
+        return await real(channel, queue, count, timeout)
+
+    monkeypatch.setattr(_deadletters, "_until_ready", with_arrivals)
+    async with world.admin() as admin:
+        await admin.browse()
+        warnings = list(admin.warnings)
+    assert any("5 letter(s) arrived" in warning for warning in warnings), warnings
+    assert await world.settled(world.dead, 85) == 85
+    assert sorted(await world.peek(world.dead)) == sorted([*ids, *arrived])

@@ -78,6 +78,8 @@ __all__ = [
 EXPORT_VERSION = 1
 #: Delivery tags per ``basic.nack(multiple)`` when a snapshot goes back (DeadLetterAdmin._return_unsettled).
 RETURN_CHUNK = 32
+#: The longest a returned chunk may take to show in the queue's ready count (at most ``publish_timeout``).
+RETURN_WAIT_S = 5.0
 #: ``<dead-letter queue><LOCK_SUFFIX>``: the exclusive queue that makes dead commands on one queue take turns.
 LOCK_SUFFIX = ".lock"
 # Added by the broker on each delivery from a quorum queue: not part of the message, so never shown or exported.
@@ -1065,31 +1067,47 @@ class DeadLetterAdmin:
     async def _return_in_order(self, underlay: aiormq.abc.AbstractChannel, queue: str, tags: list[int]) -> None:
         """Return the messages of ``tags`` (ascending) on ``underlay``, chunk by chunk (see _return_unsettled).
 
-        The ready counts are read on a channel of their own: a failed read must not close the holding one.
+        Before each chunk the queue's ready count is known; the next chunk goes once the count has grown by this
+        one (the last one is waited for too). A count that grew by more means letters arrived meanwhile (a worker
+        dead-lettering): a wait may then have passed before its chunk was in place, so the command warns that the
+        order around them could not be checked. Without arrivals the order is kept exactly. The counts are read on
+        a channel of their own: a failed read must not close the holding one. Without a count (it failed, or did
+        not grow within a few seconds: something consumes the queue), the rest goes back at once, with a warning.
         """
+        timeout = min(self.settings.publish_timeout, RETURN_WAIT_S)
         watcher = await self.connection.channel()
         try:
             try:
                 ready: int | None = await _ready(watcher, queue)
             except Exception:  # no count, no order: the letters still go back
                 ready = None
+            arrived = 0
             returned = 0
             while returned < len(tags):
-                upto = min(returned + RETURN_CHUNK, len(tags)) if ready is not None else len(tags)
-                await underlay.basic_nack(delivery_tag=tags[upto - 1], multiple=True, requeue=True)
-                returned = upto
-                if ready is None or returned == len(tags):
+                chunk = min(RETURN_CHUNK, len(tags) - returned) if ready is not None else len(tags) - returned
+                await underlay.basic_nack(delivery_tag=tags[returned + chunk - 1], multiple=True, requeue=True)
+                returned += chunk
+                if ready is None:
                     continue
                 try:
-                    shown = await _until_ready(watcher, queue, ready + returned, self.settings.publish_timeout)
+                    shown = await _until_ready(watcher, queue, ready + chunk, timeout)
                 except Exception:  # as above
-                    shown = False
-                if not shown:
+                    shown = None
+                if shown is None:
                     ready = None
-                    self.warnings.append(
-                        f"{queue}: the broker did not show the returned letters in time (is something consuming "
-                        "it?); the rest went back at once, in the broker's order"
-                    )
+                    continue
+                arrived += shown - (ready + chunk)
+                ready = shown
+            if ready is None:
+                self.warnings.append(
+                    f"{queue}: the broker did not show the returned letters in time (is something consuming "
+                    "it?); they went back at once, in the broker's order"
+                )
+            elif arrived:
+                self.warnings.append(
+                    f"{queue}: {arrived} letter(s) arrived while this command gave the others back; the order "
+                    "of the returned letters around them could not be checked"
+                )
         finally:
             if not watcher.is_closed:
                 await watcher.close()
@@ -1184,16 +1202,20 @@ async def _ready(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
     return declared.declaration_result.message_count or 0
 
 
-async def _until_ready(channel: aio_pika.abc.AbstractChannel, queue: str, count: int, timeout: float) -> bool:
-    """Wait until ``queue`` has at least ``count`` ready messages; False if it did not within ``timeout``."""
+async def _until_ready(
+    channel: aio_pika.abc.AbstractChannel, queue: str, count: int, timeout: float
+) -> int | None:
+    """Wait until ``queue`` has at least ``count`` ready messages and return how many it has; ``None`` if it did
+    not within ``timeout``.
+    """
     deadline = time.monotonic() + timeout
     pause = 0.0005
-    while await _ready(channel, queue) < count:
+    while (ready := await _ready(channel, queue)) < count:
         if time.monotonic() > deadline:
-            return False
+            return None
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.05)
-    return True
+    return ready
 
 
 def _raise_if_all_missing(missing: list[QueueNotFoundError], total: int) -> None:
