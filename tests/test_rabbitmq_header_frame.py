@@ -136,26 +136,6 @@ def test_string_entries_not_cached_yet_encode_as_pamqp_does(entry):
     assert _header_frame(message, message.message_id, 1, 9) == expected
 
 
-def test_header_frames_across_a_full_cache_match_pamqp(monkeypatch):
-    """Across cache hits, misses and clears (a tiny cache), every header frame is pamqp's."""
-    monkeypatch.setattr(rabbitmq, "_HEADER_VALUES_MAX", 4)
-    monkeypatch.setattr(rabbitmq, "_HEADER_KEYS_MAX", 3)
-    monkeypatch.setattr(rabbitmq, "_HEADER_ENTRIES", {})
-    rng = random.Random(8)
-    for n in range(500):
-        headers = {
-            **HEADERS,
-            "x-queueable-listener": f"svc:listener_{rng.randrange(5)}",
-            "x-queueable-attempt": rng.randrange(1, 6),
-            "x-queueable-created-at": f"2026-11-29T12:00:{n % 60:02d}.{n:03d}+00:00",
-            "flag": rng.choice([1, True, "1"]),
-        }
-        message = OutgoingMessage(queue="q", body=b"", headers=headers, correlation_id=f"c{n}", type="ev")
-        assert _header_frame(message, message.message_id, 1, n) == _pamqp(message, message.message_id, 1, n)
-    assert len(rabbitmq._HEADER_ENTRIES) <= 3
-    assert all(len(values) <= 4 for values in rabbitmq._HEADER_ENTRIES.values())
-
-
 class _Color(enum.Enum):
     RED = 1
     BLUE = 2

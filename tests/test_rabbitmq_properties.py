@@ -77,7 +77,9 @@ def test_optional_properties_left_out_like_pamqp():
 
 
 def test_many_messages_and_a_full_cache_match_pamqp(monkeypatch):
-    """Across cache hits, misses and clears (a tiny cache), every message encodes as pamqp does."""
+    """Across cache hits, misses and clears (a tiny cache), every message's properties and content header frame
+    encode as pamqp does.
+    """
     monkeypatch.setattr(rabbitmq, "_HEADER_VALUES_MAX", 4)
     monkeypatch.setattr(rabbitmq, "_HEADER_KEYS_MAX", 3)
     monkeypatch.setattr(rabbitmq, "_HEADER_ENTRIES", {})
@@ -88,9 +90,12 @@ def test_many_messages_and_a_full_cache_match_pamqp(monkeypatch):
             "x-queueable-listener": f"svc:listener_{rng.randrange(5)}",
             "x-queueable-attempt": rng.randrange(1, 6),
             "x-queueable-created-at": f"2026-11-29T12:00:{n % 60:02d}.{n:03d}+00:00",
+            "flag": rng.choice([1, True, "1"]),
         }
         message = _message(headers, correlation_id=f"c{n}", timestamp=1_767_225_600 + n / 7)
         assert _properties(message).marshal() == _stock(message).marshal()
+        frame = rabbitmq._header_frame(message, message.message_id, 1, n)
+        assert frame == marshal(ContentHeader(0, n, _stock(message)), 1)
     assert len(rabbitmq._HEADER_ENTRIES) <= 3
     assert all(len(values) <= 4 for values in rabbitmq._HEADER_ENTRIES.values())
 
