@@ -1045,14 +1045,11 @@ class DeadLetterAdmin:
             await self._return_unsettled(channel, snapshot)
 
     async def _return_unsettled(self, channel: aio_pika.abc.AbstractChannel, snapshot: _Snapshot) -> None:
-        """Give back every unsettled message, in order, and close the channel.
+        """Give back every unsettled message, in order (see :meth:`_return_in_order`), and close the channel.
 
-        ``basic.nack(multiple=True, requeue=True)`` in chunks of :data:`RETURN_CHUNK` delivery tags, each
-        sent once the broker has put the one before back (its ready count says so): RabbitMQ 3.10.8 puts back
-        the first 33 messages of a larger return in order and the rest in hash order (measured: 100 letters
-        came back as ``m0..m32`` after ``m33..m99`` shuffled). If the queue does not show a chunk within
-        ``publish_timeout`` (something else consumes it), the rest goes back at once, order not guaranteed,
-        and a warning says so.
+        In chunks of :data:`RETURN_CHUNK` delivery tags because RabbitMQ 3.10.8 puts back the first 33 messages
+        of a larger return in order and the rest in hash order (measured: 100 letters came back as ``m0..m32``
+        after ``m33..m99`` shuffled).
         """
         try:
             tags = sorted([*snapshot.unkept, *(h.raw.delivery_tag or 0 for h in snapshot.kept if not h.settled)])

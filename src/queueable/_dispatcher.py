@@ -224,7 +224,7 @@ def _build(
     name = event_name(cls)
     version = event_version(cls)
     if not corr:
-        corr = _wire.new_message_id()
+        corr = _new_id()
     created = _wire.iso_now(now)
     return [
         _outgoing(

@@ -306,9 +306,9 @@ def _amqp_value(value: Any) -> Any:  # noqa: PLR0911 - one return per AMQP type 
 #: Encoded header entries (key and value, as pamqp writes them), per key, by value: every message of a listener
 #: repeats the same wire version, listener, event, version and attempt. Only keys that are exactly ``str`` (a
 #: subclass may define its own equality) and values that are exactly ``str`` or ``int`` (no ``bool``), which
-#: never equal one another. A key holds at most _HEADER_VALUES_MAX values (a
-#: timestamp header has a new one with every dispatch, and must not push the others out); the table at most
-#: _HEADER_KEYS_MAX keys. Each is cleared when full.
+#: never equal one another. A key holds at most _HEADER_VALUES_MAX values (a timestamp header has a new one with
+#: every dispatch, and must not push the others out); the table at most _HEADER_KEYS_MAX keys. Each is cleared
+#: when full.
 _HEADER_ENTRIES: dict[str, dict[str | int, bytes]] = {}
 _HEADER_VALUES_MAX = 64
 _HEADER_KEYS_MAX = 256
