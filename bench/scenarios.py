@@ -696,6 +696,78 @@ async def deferred(bench: Bench) -> list[Row]:
     ]
 
 
+async def deferred_parts(bench: Bench) -> list[Row]:
+    """Which part of the deferred window carries its tail, each timed where :func:`deferred` times the whole.
+
+    Not in the default run (``--only deferred_parts``). Four sides, each sample timed right after the previous
+    flush's confirm: the whole window (``deferred()``, enter, ``dispatch()``), the scope alone (``deferred()``
+    and enter), ``dispatch()`` alone (in a scope entered untimed), and pydantic's ``to_json`` of the event alone
+    (the snapshot's floor: no deferred dispatch can cost less). Every sample is followed by the same flush, so
+    each side sees the same I/O. The sides alternate in ABCD DCBA blocks within every round. Per side: p50, p99
+    and the share of samples over the 50 µs target. If that share grows with the part's p50, the tail is the
+    machine's (stalls that strike at random, so a longer window meets more of them), not a slow step of its own.
+    """
+    sizes = bench.sizes
+    dispatcher = bench.app.dispatcher
+    serializer = OrderPlaced.__pydantic_serializer__  # type: ignore[attr-defined]
+    clock = time.perf_counter_ns
+    sides = ("window", "scope", "dispatch", "to_json")
+    block = max(sizes.deferred_samples // 16, 10)
+    figures: dict[tuple[str, str], list[float]] = {}
+    for round_index in range(-1, sizes.rounds):  # round -1 warms up
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        for side in (*sides, *reversed(sides)):
+            for event in [order(OrderPlaced, i) for i in range(block)]:
+                if side == "window":
+                    start = clock()
+                    scope = dispatcher.deferred()
+                    await scope.__aenter__()
+                    await dispatcher.dispatch(event)
+                    end = clock()
+                elif side == "scope":
+                    start = clock()
+                    scope = dispatcher.deferred()
+                    await scope.__aenter__()
+                    end = clock()
+                    await dispatcher.dispatch(event)
+                elif side == "dispatch":
+                    scope = dispatcher.deferred()
+                    await scope.__aenter__()
+                    start = clock()
+                    await dispatcher.dispatch(event)
+                    end = clock()
+                else:
+                    start = clock()
+                    serializer.to_json(event)
+                    end = clock()
+                    scope = dispatcher.deferred()
+                    await scope.__aenter__()
+                    await dispatcher.dispatch(event)
+                await scope.__aexit__(None, None, None)
+                times[side].append((end - start) / 1e3)
+        if round_index < 0:
+            continue
+        for side, values in times.items():
+            figures.setdefault((side, "p50"), []).append(percentile(values, 50))
+            figures.setdefault((side, "p99"), []).append(percentile(values, 99))
+            over = 100 * sum(value > DEFERRED_TARGET_US for value in values) / len(values)
+            figures.setdefault((side, "over"), []).append(over)
+    await purge(bench.raw_channel, bench.names.publish)
+    labels = {
+        "window": "deferred() + dispatch(), the whole window",
+        "scope": "deferred() + enter, alone",
+        "dispatch": "dispatch() in an entered scope, alone",
+        "to_json": "to_json of the event, alone",
+    }
+    stats = {"p50": ("p50", "µs"), "p99": ("p99", "µs"), "over": (f"share over {DEFERRED_TARGET_US:g} µs", "%")}
+    return [
+        Row(f"deferred_parts.{side}.{stat}", f"{labels[side]}, {name}", unit, Spread.of(figures[side, stat]),
+            None, "", None, lower_is_better=True)
+        for side in sides
+        for stat, (name, unit) in stats.items()
+    ]  # fmt: skip
+
+
 COLD_PAUSE_S = 0.0015
 
 
@@ -845,4 +917,5 @@ EXTRA_SCENARIOS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "fanout_detail": fanout_detail,
     "fanout_cpu": fanout_cpu,
     "cold": cold,
+    "deferred_parts": deferred_parts,
 }
