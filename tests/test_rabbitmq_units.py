@@ -66,6 +66,7 @@ def test_delay_bucket_never_early_and_at_most_28_percent_late():
 def test_delay_bucket_caps_huge_delays():
     """A delay beyond the largest bucket uses the largest bucket (about 7.4 days)."""
     assert delay_bucket_ms(365 * 86_400) == MAX_DELAY_MS == DELAY_BUCKETS_MS[-1]
+    assert delay_bucket_ms(math.inf) == MAX_DELAY_MS  # not OverflowError, which requeued the message forever
 
 
 def test_default_retry_policy_uses_few_buckets():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
-from queueable import ConfigurationError, Reject, RetryPolicy
+from queueable import ConfigurationError, Reject, Retry, RetryPolicy
 
 
 def test_backoff_grows_and_is_capped():
@@ -44,3 +45,16 @@ def test_invalid_policies_name_every_problem():
         RetryPolicy(max_attempts=0, multiplier=0.5)
     with pytest.raises(ConfigurationError, match="jitter"):
         RetryPolicy(jitter=2)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_non_finite_delays_are_refused(value):
+    """An infinite or NaN delay cannot be scheduled: it is refused where it is written, not when a message
+    fails (NaN passed every comparison before, and infinity overflowed the delay queue's name).
+    """
+    with pytest.raises(ConfigurationError, match="initial_delay must be a finite number"):
+        RetryPolicy(initial_delay=value)
+    with pytest.raises(ConfigurationError, match="max_delay must be a finite number"):
+        RetryPolicy(max_delay=value)
+    with pytest.raises(ValueError, match="finite number of seconds"):
+        Retry(delay=value)

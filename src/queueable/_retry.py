@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -31,7 +32,15 @@ class RetryPolicy:
     dont_retry: tuple[type[BaseException], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [
+            f"{name} must be a finite number, got {value}"
+            for name, value in (
+                ("initial_delay", self.initial_delay),
+                ("multiplier", self.multiplier),
+                ("max_delay", self.max_delay),
+            )
+            if not math.isfinite(value)
+        ]
         if self.max_attempts < 1:
             problems.append(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.initial_delay < 0:

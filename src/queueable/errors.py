@@ -18,6 +18,7 @@ Catch ``QueueableError`` to catch everything the library raises on its own behal
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -100,8 +101,8 @@ class Retry(ListenerControl):
     """
 
     def __init__(self, reason: str = "retry requested", *, delay: float | None = None) -> None:
-        if delay is not None and delay < 0:
-            msg = f"Retry delay must be >= 0, got {delay}"
+        if delay is not None and not (math.isfinite(delay) and delay >= 0):
+            msg = f"Retry delay must be a finite number of seconds >= 0, got {delay}"
             raise ValueError(msg)
         self.reason = reason
         self.delay = delay

@@ -177,6 +177,8 @@ def delay_bucket_ms(delay: float) -> int:
     """The delay bucket (ms) for ``delay`` seconds: the smallest bucket >= delay, 0 for no delay."""
     if not delay > 0:  # also NaN
         return 0
+    if delay * 1000 >= MAX_DELAY_MS:  # also infinity, which math.ceil cannot take
+        return MAX_DELAY_MS
     ms = math.ceil(delay * 1000 - 1e-6)
     index = bisect.bisect_left(DELAY_BUCKETS_MS, ms)
     return DELAY_BUCKETS_MS[min(index, len(DELAY_BUCKETS_MS) - 1)]
