@@ -265,6 +265,8 @@ BAD_INPUTS: dict[str, tuple[bytes, dict[str, Any], dict[str, Any]]] = {
     "unknown_event": (b'{"id": "x"}', {**GOOD_HEADERS, H_EVENT: "qtest.no.such.event"}, {}),
     "oversized": (b'{"id": "' + b"x" * MAX_BODY + b'"}', GOOD_HEADERS, {}),
     "content_type": (b'{"id": "x"}', GOOD_HEADERS, {"content_type": "text/plain"}),
+    "unsupported_wire": (b'{"id": "x"}', {**GOOD_HEADERS, "x-queueable-wire": 2}, {}),
+    "bad_header": (b'{"id": "x"}', {**GOOD_HEADERS, "x-queueable-event-version": "v2"}, {}),
 }
 
 

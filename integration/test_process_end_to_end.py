@@ -105,6 +105,8 @@ BAD_INPUTS: dict[DeadReason, tuple[bytes, dict[str, object], str]] = {
     DeadReason.UNKNOWN_EVENT: (b'{"id": "x"}', _headers(event="qtest.nope"), "application/json"),
     DeadReason.OVERSIZED: (json.dumps({"id": "x" * 5000}).encode(), _headers(), "application/json"),
     DeadReason.CONTENT_TYPE: (b'{"id": "x"}', _headers(), "application/x-python-pickle"),
+    DeadReason.UNSUPPORTED_WIRE: (b'{"id": "x"}', {**_headers(), "x-queueable-wire": 2}, "application/json"),
+    DeadReason.BAD_HEADER: (b'{"id": "x"}', {**_headers(), "x-queueable-event-version": 2.5}, "application/json"),
 }
 
 

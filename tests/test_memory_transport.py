@@ -170,6 +170,13 @@ BAD_INPUTS = [
     pytest.param(_raw(**{"x-queueable-event": "os.environ"}), DeadReason.UNKNOWN_EVENT, id="unknown-event"),
     pytest.param(_raw(**{"x-queueable-event-version": 9}), DeadReason.UNSUPPORTED_VERSION, id="newer-version"),
     pytest.param(_raw(body=b" " * 2048), DeadReason.OVERSIZED, id="oversized"),
+    pytest.param(_raw(**{"x-queueable-event-version": 9.0}), DeadReason.UNSUPPORTED_VERSION, id="newer-as-float"),
+    pytest.param(_raw(**{"x-queueable-event-version": "v2"}), DeadReason.BAD_HEADER, id="version-not-a-number"),
+    pytest.param(_raw(**{"x-queueable-event-version": True}), DeadReason.BAD_HEADER, id="version-a-bool"),
+    pytest.param(_raw(**{"x-queueable-event-version": 1.5}), DeadReason.BAD_HEADER, id="version-a-fraction"),
+    pytest.param(_raw(**{"x-queueable-wire": 2}), DeadReason.UNSUPPORTED_WIRE, id="newer-wire"),
+    pytest.param(_raw(**{"x-queueable-wire": "one"}), DeadReason.BAD_HEADER, id="wire-not-a-number"),
+    pytest.param(_raw(**{"x-queueable-listener": 7}), DeadReason.BAD_HEADER, id="listener-not-text"),
 ]
 
 
@@ -203,6 +210,81 @@ async def test_message_without_event_header_uses_the_listener_type(app: App, rec
         (processed,) = await transport.run_until_idle()
     assert isinstance(processed.outcome, Handled)
     assert recorder.calls == [("notify_author", CommentPosted(post_id=1, author="a", text="t"))]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"x-queueable-wire": 1, "x-queueable-event-version": 1}, id="ints"),
+        pytest.param({"x-queueable-wire": 1.0, "x-queueable-event-version": 1.0}, id="integral-floats"),
+        pytest.param({"x-queueable-wire": "1", "x-queueable-event-version": b" 1"}, id="digits"),
+        pytest.param({"x-queueable-wire": None, "x-queueable-event-version": None}, id="absent"),
+    ],
+)
+async def test_number_headers_other_producers_send_are_read(app: App, recorder: Recorder, headers):
+    """Other languages' AMQP libraries send numbers as floats or text: an integral one is that integer."""
+    async with TestTransport(app) as transport:
+        await transport.publish([_raw(**headers)])
+        (processed,) = await transport.run_until_idle()
+    assert isinstance(processed.outcome, Handled)
+    assert len(recorder.calls) == 1
+
+
+async def test_a_validator_that_raises_a_non_validation_error_dead_letters_with_its_traceback():
+    """pydantic wraps only ValueError and AssertionError; anything else a validator raises is still a schema
+    dead letter for that message, with the traceback, and the message is not lost or retried forever.
+    """
+    from pydantic import BaseModel, field_validator  # noqa: PLC0415
+
+    from queueable import event  # noqa: PLC0415
+
+    @event("tests.memory.strict")
+    class Strict(BaseModel):
+        code: str
+
+        @field_validator("code")
+        @classmethod
+        def _check(cls, value: str) -> str:
+            if value == "boom":
+                return value + 1  # type: ignore[operator]  # TypeError, which pydantic does not wrap
+            return value
+
+    calls: list[str] = []
+
+    async def handle(evt: Strict) -> None:
+        calls.append(evt.code)
+
+    app = App(settings=Settings(url="memory://"))
+    entry = app.add_listener(handle, Strict, queue=True, id="tests:strict")
+    async with TestTransport(app) as transport:
+        body = b'{"code": "boom"}'
+        headers = {wire.H_LISTENER: entry.id, wire.H_EVENT: "tests.memory.strict"}
+        await transport.publish([OutgoingMessage(queue=entry.queue_name, body=body, headers=headers)])
+        (processed,) = await transport.run_until_idle()
+        assert transport.pending == 0
+    assert processed.outcome.reason is DeadReason.SCHEMA  # type: ignore[union-attr]
+    (letter,) = transport.dead_letters
+    assert "raised TypeError" in letter.message.headers[wire.H_ERROR_MESSAGE]
+    assert "return value + 1" in letter.message.headers[wire.H_ERROR_TRACEBACK]
+    assert calls == []
+
+
+async def test_a_message_the_processor_cannot_decide_stays_queued(app: App, monkeypatch):
+    """If deciding raises (a bug), the message goes back to the front of its queue, as a worker requeues."""
+    async with TestTransport(app) as transport:
+        await transport.publish([_raw()])
+
+        async def broken(message: object) -> None:
+            msg = "processor bug"
+            raise RuntimeError(msg)
+
+        monkeypatch.setattr(transport._require_processor(), "process", broken)
+        with pytest.raises(RuntimeError, match="processor bug"):
+            await transport.run_once()
+        assert transport.pending == 1
+        monkeypatch.undo()
+        (processed,) = await transport.run_until_idle()
+        assert isinstance(processed.outcome, Handled)
 
 
 async def test_publishing_to_an_unknown_queue_is_unroutable(app: App):
@@ -270,6 +352,49 @@ async def test_embedded_mode_retries_with_real_delays(recorder: Recorder):
         await app.dispatch(COMMENT)
     assert recorder.names == ["notify_author", "notify_author"]
     assert loop.time() - started >= 0.05
+
+
+async def test_embedded_mode_runs_every_retry_when_its_time_comes():
+    """Each retry runs at its own time: the timer is set again for the next one after the earliest has run."""
+    runs: dict[str, int] = {}
+
+    async def flaky(evt: CommentPosted) -> None:
+        runs[evt.author] = runs.get(evt.author, 0) + 1
+        if runs[evt.author] == 1:
+            raise Retry(delay=0.05 if evt.author == "fast" else 0.3)
+
+    app = App(settings=Settings(url="memory://"))
+    app.add_listener(flaky, CommentPosted, queue=True, id="tests:flaky")
+    transport = app.transport
+    assert isinstance(transport, MemoryTransport)
+    async with app:
+        await app.dispatch(CommentPosted(post_id=1, author="fast", text="t"))
+        await app.dispatch(CommentPosted(post_id=2, author="slow", text="t"))
+        for _ in range(200):  # up to 2 s; the slow retry is due after 0.3 s
+            if runs.get("slow") == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert runs == {"fast": 2, "slow": 2}, "a later retry waited for something else to wake the transport"
+        assert transport.delayed == []
+
+
+async def test_a_retry_delay_that_cannot_be_scheduled_falls_back_to_the_policy(app: App):
+    """A ``Retry`` subclass can set any delay; a non-finite or negative one uses the policy's backoff."""
+
+    class Odd(Retry):
+        def __init__(self) -> None:
+            super().__init__("odd")
+            self.delay = float("inf")
+
+    async def odd(evt: CommentPosted) -> None:
+        raise Odd
+
+    app.add_listener(odd, CommentPosted, queue=True, id="tests:odd", retry=NO_JITTER)
+    async with TestTransport(app) as transport:
+        await transport.publish([_raw(**{"x-queueable-listener": "tests:odd"})])
+        (processed,) = await transport.run_until_idle()
+    assert isinstance(processed.outcome, RetryLater)
+    assert processed.outcome.delay == 10  # NO_JITTER's first delay
 
 
 async def test_message_body_is_the_event_json(app: App):

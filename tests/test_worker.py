@@ -312,3 +312,31 @@ async def test_failed_outcome_waits_before_requeueing(app):
     worker.stop()
     await task
     assert transport.settled() == [("retry-failed", "queueable"), ("nack", "t1")]
+
+
+async def test_a_listeners_own_cancelled_error_is_a_failure_not_the_end_of_the_worker():
+    """A listener that meets a cancellation from elsewhere (an awaited future someone cancelled) fails like any
+    listener: its message is retried, and the worker's tasks keep running the next ones.
+    """
+    app = App(settings=Settings(url="amqp://guest:guest@localhost/"))
+    seen: list[str] = []
+
+    async def job(event: Job) -> None:
+        seen.append(event.id)
+        if event.fail:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future  # raises CancelledError in this task, which nobody cancelled
+
+    app.add_listener(job, queue=True, id="tests:job", retry=RetryPolicy(max_attempts=2, jitter=0.0))
+    transport = ScriptedTransport()
+    worker, task = await run_with(app, transport, concurrency=1)
+    assert transport.deliver is not None
+    transport.deliver(incoming(Job(id="bad", fail=True)), "t1")
+    await settle(transport, 1)
+    transport.deliver(incoming(Job(id="good")), "t2")
+    await settle(transport, 2)
+    worker.stop()
+    await asyncio.wait_for(task, 2)
+    assert seen == ["bad", "good"]
+    assert transport.settled() == [("retry", "queueable"), ("ack", "t1"), ("ack", "t2")]

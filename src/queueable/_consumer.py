@@ -12,7 +12,9 @@ makes it durable:
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import math
 import os
 import socket
 import time
@@ -72,6 +74,8 @@ class DeadReason(enum.StrEnum):
     UNKNOWN_LISTENER = "unknown_listener"  # a listener id this application did not register as queued
     UNKNOWN_EVENT = "unknown_event"  # an event name the listener's type does not cover
     UNSUPPORTED_VERSION = "unsupported_version"  # a newer schema version than this worker knows
+    UNSUPPORTED_WIRE = "unsupported_wire"  # a wire format version other than the one this worker speaks
+    BAD_HEADER = "bad_header"  # a queueable header whose value has the wrong type ("v2" as a version)
     OVERSIZED = "oversized"
     CONTENT_TYPE = "content_type"
     DELIVERY_LIMIT = "delivery_limit"  # the broker gave up redelivering it (the worker kept dying on it)
@@ -106,9 +110,10 @@ Outcome = Handled | RetryLater | DeadLetter
 
 
 class _BadInput(Exception):  # noqa: N818 - internal control flow
-    def __init__(self, reason: DeadReason, detail: str) -> None:
+    def __init__(self, reason: DeadReason, detail: str, cause: BaseException | None = None) -> None:
         self.reason = reason
         self.detail = detail
+        self.cause = cause  # an exception whose traceback the dead letter should carry
         super().__init__(detail)
 
 
@@ -141,11 +146,17 @@ class Processor:
         try:
             entry, event = self._decode(message)
         except _BadInput as bad:
-            return self._dead(message, bad.reason, error_type="BadMessage", error=bad.detail, exc=None)
+            return self._dead(message, bad.reason, error_type="BadMessage", error=bad.detail, exc=bad.cause)
         token = correlation_id.set(message.correlation_id)
         try:
             await call_listener(entry, event, self.container)
         except Exception as exc:
+            return self._failed(message, entry, exc)
+        except asyncio.CancelledError as exc:
+            if _cancelling():
+                raise  # the worker is stopping this handler: the transport requeues the message
+            # The listener's own: it awaited something cancelled elsewhere. A failure like any other, not a
+            # reason to end the worker's task.
             return self._failed(message, entry, exc)
         finally:
             correlation_id.reset(token)
@@ -154,6 +165,31 @@ class Processor:
     # -- decoding ----------------------------------------------------------------------------------
 
     def _decode(self, message: _wire.IncomingMessage) -> tuple[Listener, BaseModel]:
+        self._check_envelope(message)
+        listener_id = _listener_id(message)
+        candidates = self.provider.queued(listener_id)
+        if not candidates:
+            msg = f"listener {listener_id!r} is not registered as a queued listener in this application"
+            raise _BadInput(DeadReason.UNKNOWN_LISTENER, msg)
+        entry, cls = self._event_class(candidates, _text(message.header(_wire.H_EVENT)))
+        version = _header_int(message, _wire.H_VERSION)
+        if version > event_version(cls):
+            msg = (
+                f"event {event_name(cls)!r} version {version} is newer than this worker's version "
+                f"{event_version(cls)}: deploy the new code, then replay"
+            )
+            raise _BadInput(DeadReason.UNSUPPORTED_VERSION, msg)
+        return entry, _parse(cls, message.body)
+
+    def _check_envelope(self, message: _wire.IncomingMessage) -> None:
+        """The checks that need no listener: wire version, content type, size."""
+        wire = _header_int(message, _wire.H_WIRE)
+        if wire != _wire.WIRE_VERSION:
+            msg = (
+                f"wire format version {wire} is not the version {_wire.WIRE_VERSION} this worker speaks: "
+                "deploy a worker that does, then replay"
+            )
+            raise _BadInput(DeadReason.UNSUPPORTED_WIRE, msg)
         content_type = (message.content_type or "").split(";", 1)[0].strip().lower()
         if content_type not in {"", _wire.CONTENT_TYPE}:
             msg = f"content type {message.content_type!r} is not {_wire.CONTENT_TYPE}"
@@ -161,36 +197,6 @@ class Processor:
         if len(message.body) > self.max_body_size:
             msg = f"body of {len(message.body)} bytes exceeds the limit of {self.max_body_size}"
             raise _BadInput(DeadReason.OVERSIZED, msg)
-        listener_id = _text(message.header(_wire.H_LISTENER))
-        if not listener_id:
-            msg = f"no {_wire.H_LISTENER} header: cannot tell which listener the message is for"
-            raise _BadInput(DeadReason.MISSING_LISTENER, msg)
-        candidates = self.provider.queued(listener_id)
-        if not candidates:
-            msg = f"listener {listener_id!r} is not registered as a queued listener in this application"
-            raise _BadInput(DeadReason.UNKNOWN_LISTENER, msg)
-        entry, cls = self._event_class(candidates, _text(message.header(_wire.H_EVENT)))
-        version = _int(message.header(_wire.H_VERSION), default=1)
-        if version > event_version(cls):
-            msg = (
-                f"event {event_name(cls)!r} version {version} is newer than this worker's version "
-                f"{event_version(cls)}: deploy the new code, then replay"
-            )
-            raise _BadInput(DeadReason.UNSUPPORTED_VERSION, msg)
-        try:
-            text = message.body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            msg = f"body is not UTF-8: {exc}"
-            raise _BadInput(DeadReason.NOT_UTF8, msg) from None
-        try:
-            event = cls.model_validate_json(text)
-        except ValidationError as exc:
-            if any(error["type"] == "json_invalid" for error in exc.errors()):
-                msg = f"body is not JSON: {exc.errors()[0]['msg']}"
-                raise _BadInput(DeadReason.NOT_JSON, msg) from None
-            msg = f"body does not match {event_name(cls)!r} v{event_version(cls)}: {exc}"
-            raise _BadInput(DeadReason.SCHEMA, _bounded(msg, MAX_ERROR_MESSAGE)) from None
-        return entry, event
 
     def _event_class(self, candidates: tuple[Listener, ...], name: str | None) -> tuple[Listener, type[BaseModel]]:
         for entry in candidates:
@@ -208,7 +214,7 @@ class Processor:
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    def _failed(self, message: _wire.IncomingMessage, entry: Listener, exc: Exception) -> Outcome:
+    def _failed(self, message: _wire.IncomingMessage, entry: Listener, exc: BaseException) -> Outcome:
         attempt = max(_int(message.header(_wire.H_ATTEMPT), default=1), 1)
         error_type = _qualified(type(exc))
         if isinstance(exc, Reject):
@@ -217,9 +223,9 @@ class Processor:
             return self._dead(message, DeadReason.NON_RETRYABLE, error_type, _describe(exc), exc)
         if attempt >= entry.retry.max_attempts:
             return self._dead(message, DeadReason.RETRIES_EXHAUSTED, error_type, _describe(exc), exc)
-        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
-        if delay is None:
-            delay = entry.retry.delay_for(attempt)
+        delay = exc.delay if isinstance(exc, Retry) else None
+        if not isinstance(delay, int | float) or not math.isfinite(delay) or delay < 0:
+            delay = entry.retry.delay_for(attempt)  # none asked for, or no usable one (a subclass can set any)
         now = _wire.iso_now(self.clock())
         headers = _own_headers(message.headers)
         headers[_wire.H_ATTEMPT] = attempt + 1
@@ -260,6 +266,41 @@ class Processor:
         return DeadLetter(reason, out, error)
 
 
+def _listener_id(message: _wire.IncomingMessage) -> str:
+    raw = message.header(_wire.H_LISTENER)
+    if raw is not None and not isinstance(raw, str | bytes):
+        msg = f"header {_wire.H_LISTENER} is {_shown(raw)}, not a listener id string"
+        raise _BadInput(DeadReason.BAD_HEADER, msg)
+    listener_id = _text(raw)
+    if not listener_id:
+        msg = f"no {_wire.H_LISTENER} header: cannot tell which listener the message is for"
+        raise _BadInput(DeadReason.MISSING_LISTENER, msg)
+    return listener_id
+
+
+def _parse(cls: type[BaseModel], body: bytes) -> BaseModel:
+    """``body`` validated as ``cls``; every failure, whatever a validator raises, is a ``_BadInput``."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        msg = f"body is not UTF-8: {exc}"
+        raise _BadInput(DeadReason.NOT_UTF8, msg) from None
+    try:
+        return cls.model_validate_json(text)
+    except ValidationError as exc:
+        if any(error["type"] == "json_invalid" for error in exc.errors()):
+            msg = f"body is not JSON: {exc.errors()[0]['msg']}"
+            raise _BadInput(DeadReason.NOT_JSON, msg) from None
+        msg = f"body does not match {event_name(cls)!r} v{event_version(cls)}: {exc}"
+        raise _BadInput(DeadReason.SCHEMA, _bounded(msg, MAX_ERROR_MESSAGE)) from None
+    except Exception as exc:  # a validator that raises something pydantic does not wrap (TypeError, ...)
+        msg = (
+            f"validating the body as {event_name(cls)!r} v{event_version(cls)} raised "
+            f"{_qualified(type(exc))}: {_describe(exc)}"
+        )
+        raise _BadInput(DeadReason.SCHEMA, _bounded(msg, MAX_ERROR_MESSAGE), exc) from None
+
+
 #: Headers the broker adds on its own (dead-lettering history, quorum delivery counts). A copy the worker
 #: publishes is a new message: carrying them over would make it look broker-dead-lettered, or count twice.
 _BROKER_HEADERS = frozenset(
@@ -284,6 +325,40 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     return value if isinstance(value, str) and value else None
+
+
+def _cancelling() -> bool:
+    """Whether the running task has been asked to stop (as opposed to meeting someone else's cancellation)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _header_int(message: _wire.IncomingMessage, name: str, *, default: int = 1) -> int:
+    """An integer header: ``default`` when absent; ``_BadInput(BAD_HEADER)`` when it is not an integer.
+
+    Accepted: an int, an integral float (``2.0``, as some producers' AMQP libraries send numbers), or the
+    digits of one as text. A header read as a default when it said something else would run a message under
+    rules it did not ask for.
+    """
+    value = message.header(name)
+    if value is None:
+        return default
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str | bytes):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    msg = f"header {name} is {_shown(value)}, not an integer"
+    raise _BadInput(DeadReason.BAD_HEADER, msg)
+
+
+def _shown(value: Any) -> str:
+    """A header value for an error message: its repr, bounded, and its type."""
+    return f"{_bounded(repr(value), 80)} ({type(value).__name__})"
 
 
 def _int(value: Any, *, default: int) -> int:

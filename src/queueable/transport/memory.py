@@ -180,7 +180,12 @@ class MemoryTransport:
             if queue:
                 outgoing = queue.popleft()
                 incoming = _to_incoming(outgoing, name)
-                outcome = await processor.process(incoming)
+                try:
+                    outcome = await processor.process(incoming)
+                except BaseException:
+                    # Not decided (a bug, or the task cancelled): back to the front, as a worker's requeue.
+                    queue.appendleft(outgoing)
+                    raise
                 self._apply(outcome)
                 record = Processed(incoming, outcome, self.clock())
                 self.history.append(record)
@@ -281,6 +286,8 @@ class MemoryTransport:
     async def _run_background(self) -> None:
         while await self.run_once() is not None:
             pass
+        if self._delayed:  # the timer served the earliest retry; the next one needs its own
+            self._schedule()
 
     def __repr__(self) -> str:
         mode = "embedded" if self.autorun else "manual"
