@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 from pydantic import BaseModel
 
-from queueable import App, PublishError, RetryPolicy, Settings, event
+from queueable import App, MessageTooLargeError, OutgoingMessage, PublishError, RetryPolicy, Settings, event
 from queueable._wire import (
     H_ATTEMPT,
     H_CONSUMER_HOST,
@@ -308,6 +308,54 @@ async def test_dead_letter_publish_failure_requeues_original(amqp_url, admin, un
         await world.stop()
     finally:
         await world.app.close()
+
+
+#: A header that the broker accepts (its frame_max is 131,072 bytes) and that leaves room for a retry copy's
+#: error headers (about 1.3 KB here) but not for a dead letter's, which add the traceback.
+NEAR_FRAME_MAX = 128_800
+
+
+async def test_a_message_too_large_for_one_frame_fails_alone_and_the_connection_lives(world, unique):
+    """A header frame over the broker's frame_max would make RabbitMQ close the whole connection (FRAME_ERROR),
+    failing every publish and delivery on it. The transport refuses that message alone, before it is sent.
+    """
+    transport = world.app.transport
+    assert isinstance(transport, RabbitMQTransport)
+    await world.app.dispatch(Ping(id="before"))
+    huge = OutgoingMessage(
+        queue=unique, body=b'{"id": "x"}', headers={H_LISTENER: "tests:ping", "x-blob": "y" * 140_000}
+    )
+    fine = OutgoingMessage(queue=unique, body=b'{"id": "fine"}', headers={H_LISTENER: "tests:ping"})
+    with pytest.raises(MessageTooLargeError, match="properties and headers take 140,"):
+        await transport.publish([huge])
+    with pytest.raises(MessageTooLargeError) as caught:
+        await transport.publish([fine, huge])  # the batch's other message is still published
+    assert caught.value.message_ids == [huge.message_id]
+    await world.app.dispatch(Ping(id="after"))  # same connection: it was never closed
+    await wait_for(lambda: world.count("handled", "fine") == 1 and world.count("handled", "after") == 1)
+    assert world.count("handled", "x") == 0
+
+
+async def test_a_failure_copy_too_large_for_one_frame_goes_without_its_traceback(world, admin, unique, caplog):
+    """A message whose own headers nearly fill a frame fails until its retries are exhausted: its dead letter
+    would not fit with the error headers and the traceback, so it goes without the traceback and with a short
+    error message, instead of being requeued forever (which also closed the worker's connection each time).
+    """
+    blob = "y" * NEAR_FRAME_MAX
+    long_id = "b" * 900  # a 900-character error message, in the copies and in the traceback
+    headers = {H_LISTENER: "tests:fail", H_EVENT: "qtest.consumer.fail", "x-blob": blob}
+    message_id = await publish_raw(admin, unique, unique, f'{{"id": "{long_id}"}}'.encode(), headers=headers)
+    [dead] = await dead_letters(admin, unique, timeout=15)
+    assert dead.message_id == message_id
+    assert dead.headers["x-blob"] == blob  # the producer's headers are kept
+    assert dead.headers[H_DEAD_REASON] == "retries_exhausted"
+    assert dead.headers[H_ERROR_MESSAGE].startswith(f"fail {long_id[:100]}")
+    assert len(dead.headers[H_ERROR_MESSAGE]) <= 200
+    assert H_ERROR_TRACEBACK not in dead.headers
+    assert world.count("attempt", long_id) == 3
+    assert "copy is too large" in caplog.text
+    await world.app.dispatch(Ping(id="after"))
+    await wait_for(lambda: world.count("handled", "after") == 1)
 
 
 async def test_graceful_stop_lets_running_handler_finish(world, admin, unique):

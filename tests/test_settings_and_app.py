@@ -141,6 +141,7 @@ def test_public_api_is_pinned():
             "IncomingMessage",
             "Listener",
             "ListenerProvider",
+            "MessageTooLargeError",
             "Outcome",
             "OutgoingMessage",
             "Processor",

@@ -17,6 +17,7 @@ from queueable._settings import Settings, mask_url
 from queueable._wire import IncomingMessage, OutgoingMessage
 from queueable.errors import (
     ConfigurationError,
+    MessageTooLargeError,
     PublishError,
     QueueableError,
     Reject,
@@ -37,6 +38,7 @@ __all__ = [
     "IncomingMessage",
     "Listener",
     "ListenerProvider",
+    "MessageTooLargeError",
     "Outcome",
     "OutgoingMessage",
     "Processor",

@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -48,6 +48,7 @@ __all__ = [
     "dead_letter_queue_for",
     "original_queue_of",
     "replay_message",
+    "slimmed",
 ]
 
 DEAD_SUFFIX = ".dead"
@@ -299,6 +300,24 @@ def _parse(cls: type[BaseModel], body: bytes) -> BaseModel:
             f"{_qualified(type(exc))}: {_describe(exc)}"
         )
         raise _BadInput(DeadReason.SCHEMA, _bounded(msg, MAX_ERROR_MESSAGE), exc) from None
+
+
+SLIM_ERROR_MESSAGE = 200
+
+
+def slimmed(outcome: RetryLater | DeadLetter) -> RetryLater | DeadLetter | None:
+    """``outcome`` with a copy that takes less room: no traceback, the error message cut to 200 characters
+    (``None`` if there is nothing to cut). For a copy a transport refused as too large.
+    """
+    headers = dict(outcome.message.headers)
+    changed = headers.pop(_wire.H_ERROR_TRACEBACK, None) is not None
+    error = headers.get(_wire.H_ERROR_MESSAGE)
+    if isinstance(error, str) and len(error) > SLIM_ERROR_MESSAGE:
+        headers[_wire.H_ERROR_MESSAGE] = _bounded(error, SLIM_ERROR_MESSAGE)
+        changed = True
+    if not changed:
+        return None
+    return replace(outcome, message=replace(outcome.message, headers=headers))
 
 
 #: Headers the broker adds on its own (dead-lettering history, quorum delivery counts). A copy the worker

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from queueable import _wire
-from queueable._consumer import DeadLetter, Handled, RetryLater
-from queueable.errors import QueueableError
+from queueable._consumer import DeadLetter, Handled, RetryLater, slimmed
+from queueable.errors import MessageTooLargeError, QueueableError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -309,10 +309,7 @@ class Worker:
             log.warning("message %s: delivery lost with its channel; it will be redelivered", incoming.message_id)
             return
         try:
-            if isinstance(outcome, RetryLater):
-                await transport.publish_retry(outcome.message, outcome.delay)
-            else:
-                await transport.publish((outcome.message,))
+            outcome = await self._publish_copy(outcome)
         except (QueueableError, OSError) as exc:
             self.stats.failed_outcomes += 1
             kind = "retry" if isinstance(outcome, RetryLater) else "dead letter"
@@ -347,6 +344,34 @@ class Worker:
                 extra=_fields(incoming, reason=str(outcome.reason), dead_letter_queue=outcome.message.queue),
             )
         await self._settle(token, ack=True)
+
+    async def _publish_copy(self, outcome: RetryLater | DeadLetter) -> RetryLater | DeadLetter:
+        """Publish the retry or dead-letter copy; returns the outcome whose copy went out.
+
+        A copy too large for one frame (incoming headers close to the broker's ``frame_max``, plus the error
+        headers this worker adds) goes again without its traceback and with a short error message.
+        """
+        try:
+            await self._publish_outcome(outcome)
+        except MessageTooLargeError as exc:
+            slim = slimmed(outcome)
+            if slim is None:
+                raise
+            log.warning(
+                "message %s: its %s copy is too large (%s); sending it without the traceback",
+                outcome.message.message_id,
+                "retry" if isinstance(outcome, RetryLater) else "dead letter",
+                exc,
+            )
+            await self._publish_outcome(slim)
+            return slim
+        return outcome
+
+    async def _publish_outcome(self, outcome: RetryLater | DeadLetter) -> None:
+        if isinstance(outcome, RetryLater):
+            await self.transport.publish_retry(outcome.message, outcome.delay)
+        else:
+            await self.transport.publish((outcome.message,))
 
     async def _pause_before_requeue(self) -> None:
         if not self._stopping:

@@ -85,6 +85,14 @@ class PublishError(QueueableError):
         super().__init__(message)
 
 
+class MessageTooLargeError(PublishError):
+    """A message's properties and headers do not fit in one AMQP frame of the connection (``frame_max``).
+
+    AMQP cannot split them, and a broker that received such a frame would close the whole connection; the
+    transport refuses the message alone instead. Publishing it again cannot succeed.
+    """
+
+
 class TransportClosedError(QueueableError):
     """The transport was used after it was closed."""
 

@@ -123,7 +123,7 @@ from pamqp.header import ContentHeader
 from queueable._consumer import DeadReason, dead_letter_queue_for
 from queueable._settings import mask_url
 from queueable._wire import H_DEAD_REASON, IncomingMessage, OutgoingMessage, new_message_id
-from queueable.errors import ConfigurationError, PublishError, TransportClosedError
+from queueable.errors import ConfigurationError, MessageTooLargeError, PublishError, TransportClosedError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -449,6 +449,7 @@ def _properties(message: OutgoingMessage) -> Basic.Properties:
 _FRAME_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
 _HEADER_PREFIX = struct.Struct(">HxxQH")  # class id (Basic), weight 0, body size, property flags
 _FRAME_END = b"\xce"
+_FRAME_OVERHEAD = _FRAME_HEAD.size + len(_FRAME_END)  # 8: what a frame adds to its payload
 _FLAGS_FIXED = 0x2000 | 0x1000 | 0x0080 | 0x0040  # headers, delivery_mode, message_id, timestamp
 _DELIVERY_PERSISTENT = b"\x02"
 
@@ -616,10 +617,16 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
+
+
+class _FrameTooLargeError(ValueError):
+    """A message's properties and headers do not fit in one frame of this connection (AMQP cannot split them)."""
+
+
 #: Failures that publishing again would not cure: returned by the broker (unroutable: aiormq's PublishError),
 #: or a header value AMQP cannot encode. A broker *nack* (DeliveryError) is retried until the publish timeout:
 #: without a max-length it means a transient condition, e.g. a quorum queue without a leader yet after a restart.
-_PERMANENT: tuple[type[BaseException], ...] = (aiormq.exceptions.PublishError, TypeError)
+_PERMANENT: tuple[type[BaseException], ...] = (aiormq.exceptions.PublishError, TypeError, _FrameTooLargeError)
 _PUBLISH_FAILURES: tuple[type[BaseException], ...] = (*_PERMANENT, aiormq.exceptions.DeliveryError, *_TRANSIENT)
 _CONNECT_FAILURES: tuple[type[BaseException], ...] = (*_TRANSIENT, TimeoutError)
 #: Failures while connecting and declaring that a retry may cure (aio-pika raises RuntimeError for a channel
@@ -1086,11 +1093,14 @@ class RabbitMQTransport:
             reason = f"unroutable: no queue is bound to {where} with routing key {key!r}"
             if not routing_key:
                 reason += " (declare it: start the worker, or run `queueable topology declare APP`)"
+        elif isinstance(error, _FrameTooLargeError):
+            reason = f"it is too large: {error}"
         else:
             reason = f"it cannot be encoded ({_describe(error, self._url)})"
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         msg = f"message {message.message_id} for {key!r} not published: {reason}{more}"
-        exc = PublishError(msg, message_ids=[m.message_id for m, _ in failed])
+        kind = MessageTooLargeError if all(isinstance(e, _FrameTooLargeError) for _, e in failed) else PublishError
+        exc = kind(msg, message_ids=[m.message_id for m, _ in failed])
         exc.__cause__ = _safe_cause(error, self._url)
         return exc
 
@@ -1718,10 +1728,19 @@ def _marshal_batch(
         message_id = message.message_id or new_message_id()
         body = message.body
         try:
-            parts = [_publish_frame(number, exchange, key), _header_frame(message, message_id, number, len(body))]
+            header = _header_frame(message, message_id, number, len(body))
         except TypeError as exc:
             results[index] = exc
             continue
+        if len(header) - _FRAME_OVERHEAD > max_size:
+            # The broker would close the whole connection (FRAME_ERROR), failing every publish and delivery on
+            # it; refused here, this message fails alone.
+            results[index] = _FrameTooLargeError(
+                f"its properties and headers take {len(header) - _FRAME_OVERHEAD:,} bytes, more than one frame "
+                f"of this connection holds ({max_size:,}; the broker's frame_max)"
+            )
+            continue
+        parts = [_publish_frame(number, exchange, key), header]
         for at in range(0, len(body), max_size):
             chunk = body[at : at + max_size]
             parts += (_FRAME_HEAD.pack(3, number, len(chunk)), chunk, _FRAME_END)
