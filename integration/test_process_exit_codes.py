@@ -60,6 +60,27 @@ def test_a_bad_app_spec_exits_5_with_one_line(world: World) -> None:
     assert "Traceback" not in output
 
 
+def test_an_app_that_fails_at_import_exits_5_with_one_line_saying_where(world: World) -> None:
+    """The app's own code raising at import is a configuration error too, reported with its file and line."""
+    consumer = world.spawn_app("apps.fails_at_import:app")
+
+    assert consumer.proc.wait(timeout=30) == 5
+    output = consumer.output()
+    assert "KeyError: 'QTEST_NO_SUCH_SETTING'" in output
+    assert "fails_at_import.py:7" in output
+    assert "Traceback" not in output
+
+
+def test_an_app_with_no_queued_listener_exits_5_instead_of_consuming(world: World) -> None:
+    """Such a worker would dead-letter whatever another app put in the default queue as unknown listeners."""
+    consumer = world.spawn_app("apps.nothing_queued:app")
+
+    assert consumer.proc.wait(timeout=30) == 5
+    output = consumer.output()
+    assert "registers no queued listener" in output
+    assert "Traceback" not in output
+
+
 def test_an_unreachable_broker_exits_3_without_showing_the_password(world: World) -> None:
     """A broker that does not answer is exit code 3, and the error never shows the URL's password."""
     url = f"amqp://guest:s3cret-pw@127.0.0.1:{free_port()}/"

@@ -124,7 +124,20 @@ def test_queued_allow_list_holds_only_queued_listeners(provider: ListenerProvide
     assert provider.queued("typed_mailer:notify_author") == (queued,)
     assert provider.queued("typed_mailer:notify_sync") == ()
     assert provider.queued("os:system") == ()
-    assert provider.queue_names == ["queueable", "mail"]
+    assert provider.queue_names == ["mail"]
+
+
+def test_queue_names_are_the_queues_listeners_use():
+    """A worker consumes ``queue_names``: the default queue is in it only if a listener uses it (another app's
+    messages there would be dead-lettered as unknown listeners), or while no queued listener exists yet.
+    """
+    provider = ListenerProvider()
+    assert provider.queue_names == ["queueable"]
+    provider.add_listener(on_comment, CommentPosted, queue=True, id="a", queue_name="mail")
+    assert provider.queue_names == ["mail"]
+    provider.add_listener(on_comment, CommentPosted, queue=True, id="b")
+    provider.add_listener(on_comment, CommentPosted, queue=True, id="c", queue_name="audit")
+    assert provider.queue_names == ["queueable", "audit", "mail"]
 
 
 def test_service_decorator_registers_class_and_marked_methods():

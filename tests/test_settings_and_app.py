@@ -127,6 +127,33 @@ def test_load_app_errors_are_clear(app_module, spec, message):
         load_app(spec.format(mod=app_module))
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("app = App(\n", r"importing 'broken_app_\w+' failed: SyntaxError: .*broken_app_\w+\.py, line 1"),
+        ("import os\nDSN = os.environ['NO_SUCH_VAR_XYZ']\n", r"failed: KeyError: 'NO_SUCH_VAR_XYZ' \(at .*:2\)"),
+        (
+            "from queueable import App\ndef app():\n    raise RuntimeError('no config')\n",
+            r":app\(\) failed: RuntimeError: no config \(at .*:3\)",
+        ),
+    ],
+    ids=["syntax-error", "error-at-import", "factory-raises"],
+)
+def test_an_app_whose_own_code_fails_is_a_configuration_error_on_one_line(tmp_path, monkeypatch, source, message):
+    """The CLIs turn ConfigurationError into exit 5 and one ``error:`` line: an app that does not import (or
+    whose factory raises) says where, instead of a traceback and exit 1.
+    """
+    name = f"broken_app_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(ConfigurationError, match=message) as caught:
+            load_app(f"{name}:app")
+    finally:
+        sys.modules.pop(name, None)
+    assert "\n" not in str(caught.value)
+
+
 def test_public_api_is_pinned():
     """The exported names are deliberate; a change here is a change to the public API."""
     assert sorted(queueable.__all__) == sorted(

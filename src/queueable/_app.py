@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import sysconfig
+import traceback
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from queueable._consumer import Processor
@@ -189,6 +191,9 @@ def load_app(spec: str) -> App:
     except ImportError as exc:
         msg = f"cannot import {module_name!r}: {exc}"
         raise ConfigurationError(msg) from exc
+    except Exception as exc:  # the app's own code failed (a SyntaxError, a missing setting): where and why
+        msg = f"importing {module_name!r} failed: {_raised(exc)}"
+        raise ConfigurationError(msg) from exc
     target: Any = module
     for part in attribute.split("."):
         try:
@@ -197,8 +202,24 @@ def load_app(spec: str) -> App:
             msg = f"module {module_name!r} has no attribute {attribute!r}"
             raise ConfigurationError(msg) from None
     if not isinstance(target, App) and callable(target):
-        target = target()
+        try:
+            target = target()
+        except Exception as exc:
+            msg = f"{spec}() failed: {_raised(exc)}"
+            raise ConfigurationError(msg) from exc
     if not isinstance(target, App):
         msg = f"{spec} is {type(target).__qualname__}, not a queueable.App"
         raise ConfigurationError(msg)
     return target
+
+
+def _raised(exc: Exception) -> str:
+    """``exc`` on one line, with the file and line it came from (a SyntaxError says them itself)."""
+    text = f"{type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames and not isinstance(exc, SyntaxError):
+        # The deepest frame of the app's own code, not of the standard library it called (os.environ[...]).
+        stdlib = sysconfig.get_paths()["stdlib"]
+        own = [f for f in frames if not f.filename.startswith(("<", stdlib))] or frames
+        text += f" (at {own[-1].filename}:{own[-1].lineno})"
+    return text

@@ -374,9 +374,14 @@ class ListenerProvider:
 
     @property
     def queue_names(self) -> list[str]:
-        """The work queues that queued listeners use (the default queue first)."""
+        """The work queues that queued listeners use (the default queue first, if one does).
+
+        Only queues a listener uses: another application may publish to the default queue, and a worker of this
+        one would dead-letter its messages as unknown listeners. With no queued listener yet, the default
+        queue alone (where the first one will go unless it names a queue).
+        """
         names = {entry.queue_name for entries in self._queued.values() for entry in entries}
-        names.add(self.default_queue)
+        names = names or {self.default_queue}
         return sorted(names, key=lambda name: (name != self.default_queue, name))
 
     def validate(self) -> None:

@@ -175,6 +175,12 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _queues(app: App, requested: tuple[str, ...]) -> tuple[str, ...]:
+    if not any(entry.queue or entry.deferrable for entry in app.provider.listeners):
+        msg = (
+            "this app registers no queued listener (queue=True) or deferrable one: a worker would have nothing to "
+            "run, and would dead-letter whatever is in its queue as an unknown listener"
+        )
+        raise ConfigurationError(msg)
     known = app.provider.queue_names
     if not requested:
         return tuple(known)
