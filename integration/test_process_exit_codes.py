@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import pytest
+
 from _rabbit_node import free_port
 from apps.recorder import Job
 
@@ -50,34 +52,26 @@ async def test_memory_limit_exits_0_after_the_message_that_crossed_it(world: Wor
     assert await world.queue_state() == (len(ids) - 1, 0)  # the buffered ones went back: nothing lost
 
 
-def test_a_bad_app_spec_exits_5_with_one_line(world: World) -> None:
-    """An APP that cannot be imported is a configuration error: exit code 5 and a one-line message."""
-    consumer = world.spawn_app("apps.no_such_module:app")
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param("apps.no_such_module:app", ["apps.no_such_module"], id="cannot-import"),
+        pytest.param(
+            "apps.fails_at_import:app",
+            ["KeyError: 'QTEST_NO_SUCH_SETTING'", "fails_at_import.py:7"],  # the app's own file and line
+            id="fails-at-import",
+        ),
+        # Such a worker would dead-letter whatever another app put in the default queue as unknown listeners.
+        pytest.param("apps.nothing_queued:app", ["registers no queued listener"], id="nothing-queued"),
+    ],
+)
+def test_an_app_a_worker_cannot_run_exits_5_with_one_line(world: World, spec: str, expected: list[str]) -> None:
+    """An APP that cannot be imported, fails at import, or has nothing to run: exit code 5, no traceback."""
+    consumer = world.spawn_app(spec)
 
     assert consumer.proc.wait(timeout=30) == 5
     output = consumer.output()
-    assert "apps.no_such_module" in output
-    assert "Traceback" not in output
-
-
-def test_an_app_that_fails_at_import_exits_5_with_one_line_saying_where(world: World) -> None:
-    """The app's own code raising at import is a configuration error too, reported with its file and line."""
-    consumer = world.spawn_app("apps.fails_at_import:app")
-
-    assert consumer.proc.wait(timeout=30) == 5
-    output = consumer.output()
-    assert "KeyError: 'QTEST_NO_SUCH_SETTING'" in output
-    assert "fails_at_import.py:7" in output
-    assert "Traceback" not in output
-
-
-def test_an_app_with_no_queued_listener_exits_5_instead_of_consuming(world: World) -> None:
-    """Such a worker would dead-letter whatever another app put in the default queue as unknown listeners."""
-    consumer = world.spawn_app("apps.nothing_queued:app")
-
-    assert consumer.proc.wait(timeout=30) == 5
-    output = consumer.output()
-    assert "registers no queued listener" in output
+    assert all(text in output for text in expected), output
     assert "Traceback" not in output
 
 
