@@ -343,6 +343,48 @@ async def test_a_message_the_broker_rejects_waits_with_backoff_without_blocking_
     assert rows(engine) == []
 
 
+async def test_a_strict_drain_says_what_it_could_not_publish(engine: sa.Engine, outbox: Outbox):
+    """``drain(strict=True)`` (the CLI's --once) raises once the rest is published, so a one-shot run cannot
+    report success while due rows stayed in the table.
+    """
+    with Session(engine) as session, session.begin():
+        for n in range(3):
+            await outbox.dispatch(session, CommentPosted(post_id=n, author="a", text="t"))
+    picky = PickyTransport(reject_post=1)
+    with pytest.raises(PublishError, match=r"1 outbox message\(s\) not published \(2 were\): PublishError: unro"):
+        await Relay(engine, picky).drain(strict=True)
+    assert len(picky.messages) == 2
+    assert len(rows(engine)) == 1
+    assert await Relay(engine, PickyTransport(reject_post=-1)).drain(strict=True) == 0  # not due yet: backoff
+
+
+async def test_a_failing_round_backs_off_and_logs_one_traceback(
+    db_url: str, transport: TestTransport, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A database that keeps failing (here: no outbox table) is retried after pauses that double up to 30 s,
+    with one traceback and then one line per failure, instead of a traceback every second.
+    """
+    from queueable.outbox import _relay  # noqa: PLC0415
+
+    pauses: list[float] = []
+    stop = asyncio.Event()
+
+    async def no_wait(_stop: asyncio.Event, seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 7:
+            stop.set()
+
+    monkeypatch.setattr(_relay, "_wait", no_wait)
+    relay = Relay(sa.create_engine(db_url), transport, interval=0.01, listen=False)  # the table was never made
+    await asyncio.wait_for(relay.run(stop), 10)
+    assert pauses == [1, 2, 4, 8, 16, 30, 30]
+    failures = [r for r in caplog.records if "relay round failed" in r.message]
+    assert len(failures) == 7
+    assert [r.exc_info is not None for r in failures] == [True] + [False] * 6
+    assert all("\n" not in r.getMessage() for r in failures[1:])
+    assert "no such table" in failures[1].getMessage()
+
+
 async def test_run_relays_until_stopped(engine: sa.Engine, outbox: Outbox, transport: TestTransport):
     """The relay loop picks up rows committed while it runs and stops cleanly when told."""
     stop = asyncio.Event()
@@ -414,6 +456,45 @@ def test_the_relay_command_reports_a_bad_database_url(app_module: str):
     result = CliRunner().invoke(main, ["relay", app_module, "--db", "nosuchdb://x/y"])
     assert result.exit_code == 5
     assert "cannot use database URL" in result.output
+
+
+def test_the_relay_command_needs_the_outbox_table(app_module: str, db_url: str):
+    """A missing table (forgetting --create-table) is exit 5 with the hint, not a SQLAlchemy traceback."""
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from queueable.cli import main  # noqa: PLC0415
+
+    result = CliRunner().invoke(main, ["relay", app_module, "--db", db_url, "--once"])
+    assert result.exit_code == 5, result.output
+    assert "no outbox table 'queueable_outbox'" in result.output
+    assert "--create-table" in result.output
+
+
+# aio-pika leaves the connection object of a failed connect_robust to the garbage collector, whose __del__
+# creates a close() coroutine that is never awaited when it runs outside the loop's thread (here a
+# SQLAlchemy worker thread): a RuntimeWarning of aio-pika's, not a leak of the relay's.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_relay_once_exits_3_when_rows_could_not_be_published(
+    app_module: str, db_url: str, engine: sa.Engine, tmp_path: Path
+):
+    """--once with the broker unreachable leaves the row in the table and says so with exit 3, not 0."""
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from queueable import OutgoingMessage  # noqa: PLC0415
+    from queueable.cli import main  # noqa: PLC0415
+    from queueable.outbox._table import to_row  # noqa: PLC0415
+
+    with Session(engine) as session, session.begin():
+        row = to_row(OutgoingMessage(queue="queueable", body=b"{}", headers={}), 0.0)
+        session.execute(sa.insert(OUTBOX), [row])
+    (tmp_path / "relay_quick_app.py").write_text(
+        "from queueable import App, Settings\n"
+        "app = App(settings=Settings(url='amqp://guest:guest@127.0.0.1:1/', publish_timeout=0.5))\n"
+    )
+    result = CliRunner().invoke(main, ["relay", "relay_quick_app:app", "--db", db_url, "--once"])
+    assert result.exit_code == 3, result.output
+    assert "1 outbox message(s) not published (0 were)" in result.output
+    assert len(rows(engine)) == 1
 
 
 def test_the_notify_channel_is_the_tables_qualified_name():

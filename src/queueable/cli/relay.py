@@ -11,8 +11,16 @@ from typing import TYPE_CHECKING
 import click
 
 from queueable._settings import mask_url
-from queueable.cli._common import app_argument, cli_errors, configure_logging, resolve_settings, url_option
-from queueable.errors import ConfigurationError
+from queueable.cli._common import (
+    EXIT_BROKER,
+    CliError,
+    app_argument,
+    cli_errors,
+    configure_logging,
+    resolve_settings,
+    url_option,
+)
+from queueable.errors import ConfigurationError, PublishError
 
 if TYPE_CHECKING:
     from queueable.outbox import Relay
@@ -31,8 +39,9 @@ Examples:
   queueable relay myproject.events:app --db sqlite:///app.db --once      # drain, then exit
 
 \b
-Exit codes: 0 stopped cleanly (signal, or --once drained the outbox), 3 broker unreachable,
-5 the app or the database URL is misconfigured.""",
+Exit codes: 0 stopped cleanly (signal, or --once published everything that was due),
+3 the broker was unreachable or did not confirm some messages (--once: they stay in the outbox),
+5 the app, the database URL or the outbox table is wrong, or the database cannot be used.""",
 )
 @app_argument(required=True)
 @click.option(
@@ -45,7 +54,13 @@ Exit codes: 0 stopped cleanly (signal, or --once drained the outbox), 3 broker u
 )
 @click.option("--table", default="queueable_outbox", show_default=True, help="Name of the outbox table.")
 @click.option("--schema", default=None, help="Database schema of the outbox table.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Rows claimed and published per round (one confirmed publish call each).",
+)
 @click.option(
     "--interval",
     type=click.FloatRange(min=0),
@@ -132,8 +147,14 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
         msg = f"cannot use database URL {mask_url(db)}: {exc}"
         raise ConfigurationError(msg) from exc
     outbox = outbox_table(sa.MetaData(), table, schema=schema)
-    if create_table:
-        outbox.create(engine, checkfirst=True)
+    try:
+        if create_table:
+            outbox.create(engine, checkfirst=True)
+        elif not sa.inspect(engine).has_table(table, schema=schema):
+            msg = f"no outbox table {table!r} in {mask_url(db)}: create it with --create-table (or migrations)"
+            raise ConfigurationError(msg)
+    except sa.exc.SQLAlchemyError as exc:
+        raise _database_error(db, exc) from exc
     transport = RabbitMQTransport(settings, queues=loaded.provider.queue_names)
     worker = Relay(
         engine,
@@ -148,8 +169,19 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
     configure_logging(log_level, log_format)
     try:
         asyncio.run(_run(worker, once=once))
+    except PublishError as exc:  # --once: some rows could not be published
+        raise CliError(str(exc), EXIT_BROKER) from exc
+    except sa.exc.SQLAlchemyError as exc:  # --once: a round failed on the database
+        raise _database_error(db, exc) from exc
     finally:
         engine.dispose()
+
+
+def _database_error(db: str, exc: Exception) -> ConfigurationError:
+    """One line for a database failure (SQLAlchemy's own message adds the statement and a help link)."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return ConfigurationError(f"cannot use the outbox database {mask_url(db)}: {type(cause).__name__}: {text}")
 
 
 async def _run(worker: Relay, *, once: bool) -> None:
@@ -160,7 +192,7 @@ async def _run(worker: Relay, *, once: bool) -> None:
     log.info("relay pid %d publishing %s", os.getpid(), worker.table.name)
     try:
         if once:
-            published = await worker.drain()
+            published = await worker.drain(strict=True)
             log.info("published %d message(s); the outbox has nothing available now", published)
         else:
             await worker.run(stop)

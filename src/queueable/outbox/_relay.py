@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, delete, func, select, update
 
+from queueable.errors import PublishError
 from queueable.outbox._table import OUTBOX, from_row, notify_channel
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ __all__ = ["Relay", "RelayResult"]
 log = logging.getLogger("queueable.relay")
 
 MAX_ERROR = 2_000
+#: The longest pause between rounds while the database or the broker keeps failing.
+MAX_FAILURE_PAUSE = 30.0
 #: Seconds between attempts to reopen the LISTEN connection (polling goes on meanwhile).
 LISTEN_RETRY = 5.0
 #: The longest a wait for a notification runs before the stop event is looked at again.
@@ -69,6 +72,7 @@ class RelayResult:
     claimed: int
     published: int
     failed: int
+    error: str | None = None  # why the last of the failed ones was not published
 
 
 class Relay:
@@ -113,20 +117,38 @@ class Relay:
     # -- the loop ----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Relay until ``stop`` is set; a batch in progress is finished first. Database errors are logged and
-        retried after ``interval``.
+        """Relay until ``stop`` is set; a batch in progress is finished first.
+
+        A round that fails (the database is down, say) is retried after a pause that doubles from
+        ``max(interval, 1)`` up to 30 s. The first failure is logged with its traceback, the next ones on one
+        line each, and the recovery once.
         """
         stop = stop or asyncio.Event()
         wakeup = _Wakeup.for_engine(self.engine, notify_channel(self.table)) if self.listen else None
         log.info("relay %s started on %s", self.relay_id, self.table.name)
+        failures = 0
         try:
             while not stop.is_set():
                 try:
                     result = await self.run_once()
-                except Exception:
-                    log.exception("relay round failed; retrying in %.1f s", max(self.interval, 1.0))
-                    await _wait(stop, max(self.interval, 1.0))
+                except Exception as exc:
+                    failures += 1
+                    pause = min(max(self.interval, 1.0) * 2 ** (failures - 1), MAX_FAILURE_PAUSE)
+                    if failures == 1:
+                        log.exception("relay round failed; retrying in %.1f s", pause)
+                    else:
+                        log.warning(
+                            "relay round failed again (%d in a row): %s: %s; retrying in %.1f s",
+                            failures,
+                            type(exc).__name__,
+                            _first_line(exc),
+                            pause,
+                        )
+                    await _wait(stop, pause)
                     continue
+                if failures:
+                    log.info("relay round succeeded after %d failed one(s)", failures)
+                    failures = 0
                 if result.claimed < self.batch_size:
                     await self._idle(stop, wakeup)
         finally:
@@ -145,14 +167,31 @@ class Relay:
             log.exception("waiting for outbox notifications failed; polling")
             await _wait(stop, self.interval)
 
-    async def drain(self) -> int:
-        """Relay until no row is available now; return how many messages were published."""
-        total = 0
+    async def drain(self, *, strict: bool = False) -> int:
+        """Relay until no row is available now; return how many messages were published.
+
+        A message the broker did not confirm goes back to the table for a later attempt (after a backoff), so it
+        is not available now. With ``strict``, such messages make ``drain`` raise ``PublishError`` once the rest
+        is done, saying how many stayed behind (for a one-shot run, whose success must mean the outbox is empty
+        of what was due).
+        """
+        total = failed = 0
+        last: list[str] = []
         while True:
             result = await self.run_once()
             total += result.published
+            failed += result.failed
+            if result.error is not None:
+                last[:] = [result.error]
             if result.claimed == 0:
-                return total
+                break
+        if strict and failed:
+            msg = (
+                f"{failed} outbox message(s) not published ({total} were): {last[0] if last else 'unknown'}; "
+                "they stay in the outbox and are retried after a backoff"
+            )
+            raise PublishError(msg)
+        return total
 
     async def run_once(self) -> RelayResult:
         """Claim one batch, publish it, delete what the broker confirmed."""
@@ -182,7 +221,8 @@ class Relay:
                     row["attempts"],
                     out,
                 )
-            return RelayResult(len(rows), len(done), len(failed))
+            error = f"{type(failed[-1][1]).__name__}: {failed[-1][1]}" if failed else None
+            return RelayResult(len(rows), len(done), len(failed), error)
         await asyncio.to_thread(self._delete, ids)
         log.debug("relayed %d message(s)", len(ids))
         return RelayResult(len(rows), len(ids), 0)
@@ -257,6 +297,12 @@ class Relay:
 
     def __repr__(self) -> str:
         return f"<Relay {self.relay_id} table={self.table.name!r} batch={self.batch_size} lease={self.lease}>"
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (SQLAlchemy appends the statement and a help link on others)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
