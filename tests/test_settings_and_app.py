@@ -247,3 +247,17 @@ def test_quiet_repeats_lets_one_library_line_through_per_window_and_counts_the_r
     assert shown.getMessage() == (
         "Connection attempt to amqp://h failed: timeout [59 more like this since the last one shown]"
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["amqp://u:s3cret@127.0.0.1:notaport/", "amqp://u:s3cret@127.0.0.1:99999/", "amqp://u:s3cret@[::1:5672/"],
+)
+def test_a_malformed_broker_url_is_a_configuration_error_that_hides_the_password(url):
+    """A port that is not a number, out of range, or a broken IPv6 bracket: one clear error (the CLIs' exit 5),
+    where ``mask_url`` itself used to raise and the commands printed a traceback.
+    """
+    assert "s3cret" not in mask_url(url)
+    with pytest.raises(ConfigurationError, match="malformed broker URL") as caught:
+        Settings(url=url)
+    assert "s3cret" not in str(caught.value)

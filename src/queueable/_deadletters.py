@@ -712,15 +712,27 @@ class DeadLetterAdmin:
         """Open the connection (``async with`` does this)."""
         import aio_pika  # noqa: PLC0415 - only the broker commands need it
 
-        from queueable.transport.rabbitmq import ssl_context  # noqa: PLC0415 - the same TLS setup as workers
+        from queueable.transport.rabbitmq import (  # noqa: PLC0415 - the same TLS setup and errors as workers
+            open_refused,
+            ssl_context,
+        )
 
         if self._connection is None:
-            self._connection = await aio_pika.connect(
-                self.settings.url,
-                ssl_context=ssl_context(self.settings),
-                timeout=self.settings.connect_timeout,
-                client_properties={"connection_name": f"queueable admin {socket.gethostname()} pid {os.getpid()}"},
-            )
+            url = self.settings.url or ""
+            try:
+                self._connection = await aio_pika.connect(
+                    url,
+                    ssl_context=ssl_context(self.settings),
+                    timeout=self.settings.connect_timeout,
+                    client_properties={
+                        "connection_name": f"queueable admin {socket.gethostname()} pid {os.getpid()}"
+                    },
+                )
+            except Exception as exc:
+                refused = open_refused(exc, url)
+                if refused is None:
+                    raise
+                raise ConnectionRefusedError(refused) from None
 
     async def close(self) -> None:
         """Close the connection; any message still held returns to its queue."""

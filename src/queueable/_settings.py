@@ -26,7 +26,8 @@ def mask_url(url: str | None) -> str:
         return repr(url)
     try:
         parts = urlsplit(url)
-    except ValueError:
+        port = parts.port  # raises for a port that is not a number in range
+    except ValueError:  # malformed: mask everything between the scheme and the host
         return re.sub(r"://[^@/]*@", "://***@", url)
     if parts.password is None:
         return url
@@ -35,9 +36,22 @@ def mask_url(url: str | None) -> str:
     if ":" in host:
         host = f"[{host}]"
     netloc = f"{user}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
+    if port is not None:
+        netloc += f":{port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _check_url(url: str) -> None:
+    """``ConfigurationError`` for a broker URL that cannot be used as written (scheme, port, brackets)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port that is not a number in 0-65535
+    except ValueError as exc:
+        msg = f"malformed broker URL {mask_url(url)}: {exc}"
+        raise ConfigurationError(msg) from None
+    if parts.scheme not in ("amqp", "amqps", "memory"):
+        msg = f"unsupported URL scheme in {mask_url(url)}: use amqp://, amqps:// or memory://"
+        raise ConfigurationError(msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +83,8 @@ class Settings:
             if getattr(self, name) < 1:
                 msg = f"{name} must be >= 1, got {getattr(self, name)}"
                 raise ConfigurationError(msg)
-        if self.url is not None and urlsplit(self.url).scheme not in ("amqp", "amqps", "memory"):
-            msg = f"unsupported URL scheme in {mask_url(self.url)}: use amqp://, amqps:// or memory://"
-            raise ConfigurationError(msg)
+        if self.url is not None:
+            _check_url(self.url)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -108,6 +108,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -647,6 +648,22 @@ def _conflicting_queue(name: str, exc: BaseException) -> ConfigurationError:
     return ConfigurationError(msg)
 
 
+def open_refused(exc: BaseException, url: str) -> str | None:
+    """The message for a broker that closed the connection instead of opening it (``None``: not that).
+
+    RabbitMQ answers ``connection.open`` with ``connection.close`` (NOT_ALLOWED) for a virtual host that does
+    not exist or that the user may not use; aiormq 7.2 reports it as an ``InvalidFrameError`` that names the
+    frame but not the broker's reason.
+    """
+    if not isinstance(exc, aiormq.exceptions.InvalidFrameError) or "Connection.OpenOk" not in str(exc):
+        return None
+    vhost = unquote(urlsplit(url).path[1:]) or "/"
+    return (
+        f"RabbitMQ at {mask_url(url)} refused to open the connection: the virtual host {vhost!r} does not "
+        "exist, or the user may not use it (the broker's log says which)"
+    )
+
+
 class _CredentialsRefusedError(ConnectionRefusedError):
     """The broker refused the login: retrying will not help."""
 
@@ -829,6 +846,11 @@ class RabbitMQTransport:
             except aiormq.exceptions.ProbableAuthenticationError as exc:
                 msg = f"RabbitMQ at {mask_url(self._url)} refused the credentials: {_describe(exc, self._url)}"
                 raise _CredentialsRefusedError(msg) from _safe_cause(exc, self._url)
+            except aiormq.exceptions.InvalidFrameError as exc:
+                refused = open_refused(exc, self._url or "")
+                if refused is None:
+                    raise
+                raise _CredentialsRefusedError(refused) from None
             except _CONNECT_FAILURES as exc:
                 if time.monotonic() >= deadline:
                     msg = f"cannot connect to RabbitMQ at {mask_url(self._url)}: {_describe(exc, self._url)}"
