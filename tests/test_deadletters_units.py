@@ -416,6 +416,30 @@ def test_cli_usage_errors_exit_2(args: list[str], needle: str) -> None:
     assert needle in result.output
 
 
+def test_a_reader_that_closes_the_pipe_is_not_reported_as_a_broker_failure() -> None:
+    """`queueable dead list --json | head -1`: BrokenPipeError is a ConnectionError, which the commands map to
+    'broker unreachable' (exit 3). It is now a silent exit 141, as for a command killed by SIGPIPE.
+    """
+    from queueable.cli._common import cli_errors  # noqa: PLC0415
+
+    @cli_errors
+    def writes_to_a_closed_pipe() -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(SystemExit) as caught:
+        writes_to_a_closed_pipe()
+    assert caught.value.code == 141
+
+
+@pytest.mark.parametrize("command", [["status"], ["topology", "declare"]])
+def test_status_and_topology_take_the_app_from_queueable_app(command: list[str]) -> None:
+    """As the dead commands do (docs/operations.md): QUEUEABLE_APP names the app when APP is not given."""
+    env = {"QUEUEABLE_URL": "amqp://guest:guest@127.0.0.1:1/", "QUEUEABLE_APP": "no_such_module_qtest:app"}
+    result = CliRunner().invoke(main, command, env=env)
+    assert result.exit_code == 5, result.output
+    assert "cannot import 'no_such_module_qtest'" in result.output
+
+
 def test_cli_memory_url_is_a_configuration_error() -> None:
     """Without a broker URL the dead commands exit 5 with one line."""
     result = CliRunner().invoke(main, ["dead", "list"], env={"QUEUEABLE_URL": "memory://"})

@@ -14,9 +14,11 @@ Exit codes (documented in the README, stable for scripts):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -47,6 +49,7 @@ EXIT_FAILED = 1
 EXIT_BROKER = 3
 EXIT_NOT_FOUND = 4
 EXIT_CONFIG = 5
+EXIT_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader closed the pipe
 
 F = TypeVar("F", bound="Callable[..., Any]")
 
@@ -75,6 +78,13 @@ def cli_errors(func: F) -> F:
             return func(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # The reader went away (`queueable dead list --json | head -1`): not a failure of ours to report.
+            # Further writes to the closed pipe (at interpreter exit) go nowhere, and the exit code is what a
+            # command killed by SIGPIPE has.
+            with contextlib.suppress(OSError, ValueError):  # stdout may be no file (a test runner's buffer)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(EXIT_PIPE) from None
         except ConfigurationError as exc:
             raise CliError(str(exc), EXIT_CONFIG) from exc
         except (ConnectionError, OSError) as exc:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from queueable import __version__
 from queueable._settings import mask_url
 from queueable._worker import StopReason, Worker, WorkerOptions
 from queueable.cli._common import app_argument, cli_errors, configure_logging, resolve_settings, url_option
@@ -43,6 +44,7 @@ Examples:
 Exit codes: 0 stopped cleanly (signal, --max-messages, --time-limit, --memory-limit),
 3 broker unreachable or credentials refused, 5 the app cannot be loaded or is misconfigured.""",
 )
+@click.version_option(__version__, prog_name="queueable-consume")
 @app_argument(required=True)
 @click.option(
     "--queue",

@@ -28,7 +28,7 @@ __all__ = ["dead_letter_limit_warnings", "delay_queue_names", "management_status
 
 
 @click.command()
-@click.argument("app_spec", metavar="[APP]", required=False)
+@click.argument("app_spec", metavar="[APP]", required=False, envvar="QUEUEABLE_APP")
 @url_option
 @click.option("--queue", "queues", multiple=True, metavar="Q", help="Work queue to report; repeatable.")
 @click.option(

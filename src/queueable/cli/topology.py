@@ -21,11 +21,11 @@ __all__ = ["topology"]
 
 @click.group()
 def topology() -> None:
-    """Declare or describe the RabbitMQ topology queueable uses."""
+    """Declare the RabbitMQ topology queueable uses (exchange, work and dead-letter queues)."""
 
 
 @topology.command("declare")
-@click.argument("app_spec", metavar="[APP]", required=False)
+@click.argument("app_spec", metavar="[APP]", required=False, envvar="QUEUEABLE_APP")
 @url_option
 @click.option(
     "--queue",
