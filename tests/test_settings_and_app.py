@@ -249,6 +249,41 @@ def test_quiet_repeats_lets_one_library_line_through_per_window_and_counts_the_r
     )
 
 
+def test_quiet_repeats_turns_a_library_traceback_into_one_line():
+    """aiormq logs a broker outage with a 20-line traceback; the worker's own line says what happens next."""
+    import logging  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from queueable.cli._common import QuietRepeats  # noqa: PLC0415
+
+    def reset() -> None:
+        raise ConnectionResetError(104, "Connection reset by peer (100% gone)")
+
+    try:
+        reset()
+    except ConnectionResetError:
+        exc_info = sys.exc_info()
+    quiet = QuietRepeats()
+    error = logging.ERROR
+    with_args = logging.LogRecord(
+        "aiormq.connection", logging.ERROR, __file__, 1, "Unexpected %s", ("close",), exc_info
+    )
+    without = logging.LogRecord(
+        "aio_pika.tools", logging.ERROR, __file__, 1, "Callback 50% failed", None, exc_info
+    )
+    ours = logging.LogRecord("queueable.worker", error, __file__, 1, "listener failed", None, exc_info)
+    for record in (with_args, without, ours):
+        assert quiet.filter(record)
+    formatter = logging.Formatter("%(message)s")
+    assert formatter.format(with_args) == (
+        "Unexpected close (ConnectionResetError: [Errno 104] Connection reset by peer (100% gone))"
+    )
+    assert formatter.format(without) == (
+        "Callback 50% failed (ConnectionResetError: [Errno 104] Connection reset by peer (100% gone))"
+    )
+    assert "Traceback" in formatter.format(ours)  # queueable's own records keep theirs
+
+
 @pytest.mark.parametrize(
     "url",
     ["amqp://u:s3cret@127.0.0.1:notaport/", "amqp://u:s3cret@127.0.0.1:99999/", "amqp://u:s3cret@[::1:5672/"],

@@ -203,6 +203,14 @@ class QuietRepeats(logging.Filter):
         if dropped:
             # Appended to the template, so that the record's own %-arguments still apply; no % in it.
             record.msg = f"{record.msg} [{dropped} more like this since the last one shown]"
+        if record.exc_info and record.levelno < logging.CRITICAL:
+            # Their tracebacks are about a connection that queueable reports and recovers itself: one line.
+            exc = record.exc_info[1]
+            if exc is not None:
+                text = f"{type(exc).__name__}: {exc}"
+                record.msg = f"{record.msg} ({text.replace('%', '%%') if record.args else text})"
+            record.exc_info = None
+            record.exc_text = None
         return True
 
 
