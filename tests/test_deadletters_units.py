@@ -440,6 +440,32 @@ def test_status_and_topology_take_the_app_from_queueable_app(command: list[str])
     assert "cannot import 'no_such_module_qtest'" in result.output
 
 
+def test_without_any_url_the_error_says_none_is_set() -> None:
+    """Not '(got memory://)', which the user never wrote: memory:// is only the fallback."""
+    with pytest.raises(ConfigurationError, match=r"\(no URL is set\)"):
+        DeadLetterAdmin(Settings(url=None), [])
+    with pytest.raises(ConfigurationError, match=r"\(got memory://\)"):
+        DeadLetterAdmin(Settings(url="memory://"), [])
+
+
+def test_a_dry_run_reports_one_line_per_letter(capsys: pytest.CaptureFixture[str]) -> None:
+    """pydantic's errors span several lines; the report keeps one line per letter (and '-' for no listener)."""
+    from queueable._deadletters import DryRunResult  # noqa: PLC0415
+    from queueable.cli.dead import _report_dry_run  # noqa: PLC0415
+
+    schema_error = "1 validation error for CommentPosted\npost_id\n  Field required [type=missing]"
+    _report_dry_run(
+        [
+            DryRunResult(letter("m1"), ok=False, reason="schema", error=schema_error),
+            DryRunResult(letter("m2", listener=None), ok=True),  # type: ignore[arg-type]
+        ],
+        as_json=False,
+    )
+    lines = capsys.readouterr().out.splitlines()
+    failed = "FAIL  m1  mailer:notify  schema: 1 validation error for CommentPosted post_id Field required"
+    assert lines == [f"{failed} [type=missing]", "ok    m2  -"]
+
+
 def test_cli_memory_url_is_a_configuration_error() -> None:
     """Without a broker URL the dead commands exit 5 with one line."""
     result = CliRunner().invoke(main, ["dead", "list"], env={"QUEUEABLE_URL": "memory://"})

@@ -46,6 +46,7 @@ from queueable._consumer import (
     original_queue_of,
     replay_message,
 )
+from queueable._settings import mask_url
 from queueable.errors import ConfigurationError, PublishError, QueueableError
 
 if TYPE_CHECKING:
@@ -677,10 +678,8 @@ class DeadLetterAdmin:
 
     def __init__(self, settings: Settings, queues: Iterable[str], *, hold_seconds: float = 600.0) -> None:
         if settings.scheme not in ("amqp", "amqps"):
-            msg = (
-                "dead letters live in RabbitMQ: set QUEUEABLE_URL or --url to amqp://... "
-                f"(got {settings.scheme}://)"
-            )
+            got = f"got {mask_url(settings.url)}" if settings.url else "no URL is set"
+            msg = f"dead letters live in RabbitMQ: set QUEUEABLE_URL or --url to amqp://... ({got})"
             raise ConfigurationError(msg)
         self.settings = settings
         names: list[str] = []

@@ -368,10 +368,12 @@ def _report_dry_run(results: list[DryRunResult], *, as_json: bool) -> None:
         if as_json:
             echo_json(result.as_dict())
         elif result.ok:
-            click.echo(f"ok    {result.message.message_id}  {result.message.listener}")
+            click.echo(f"ok    {result.message.message_id}  {result.message.listener or '-'}")
         else:
+            # One line per letter (pydantic's errors span several): `dead show ID` has the whole text.
             message = result.message
-            click.echo(f"FAIL  {message.message_id}  {message.listener}  {result.reason}: {result.error}")
+            error = " ".join(str(result.error).split())
+            click.echo(f"FAIL  {message.message_id}  {message.listener or '-'}  {result.reason}: {error}")
     failing = sum(1 for r in results if not r.ok)
     if not as_json:
         ok = len(results) - failing
