@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -355,6 +356,25 @@ async def test_a_virtual_host_that_does_not_exist_is_named_and_not_retried(amqp_
     with pytest.raises(ConnectionRefusedError, match=f"the virtual host '{unique}-no-such-vhost' does not exist"):
         async with DeadLetterAdmin(settings, [unique]):
             pass
+
+
+async def test_a_return_fails_its_own_publish_when_another_shares_its_message_id(transport, admin, unique):
+    """Copies keep their original's message id, and at-least-once delivery makes duplicates, so two unconfirmed
+    publishes of one id can meet on the channel. aiormq matches a basic.return by message id: the unroutable
+    one passed as confirmed (lost) and the routed one failed. Now the second waits for the first's confirm.
+    """
+    from dataclasses import replace  # noqa: PLC0415
+
+    nowhere = replace(message(f"{unique}.nowhere"), message_id=uuid.uuid4().hex)
+    routed = replace(message(unique), message_id=nowhere.message_id)
+    await transport.connect()
+    both = (transport.publish([nowhere]), transport.publish([routed]))
+    results = await asyncio.gather(*both, return_exceptions=True)
+    assert isinstance(results[0], PublishError)
+    assert "unroutable" in str(results[0])
+    assert results[1] is None
+    [got] = await drain(admin, unique)
+    assert got.message_id == routed.message_id
 
 
 async def test_closed_transport_refuses_to_publish(transport, unique):

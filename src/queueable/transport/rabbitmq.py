@@ -1628,6 +1628,10 @@ class _Confirm:
         self.done_ = False
         self.outcome: BaseException | None = None
 
+    @property
+    def batch(self) -> _Batch:
+        return self._batch
+
     def done(self) -> bool:
         return self.done_
 
@@ -1700,7 +1704,9 @@ async def _publish_batch(
     the frames of every message are marshalled before taking the channel lock, then, under the lock, each gets
     its delivery tag and confirmation (registered by message id, so that a ``basic.return`` fails it with
     ``aiormq.exceptions.PublishError``), and all the frames go to the connection's writer as one payload. No
-    task per message, one lock acquisition, one socket write, and one future for the whole batch.
+    task per message, one lock acquisition, one socket write, and one future for the whole batch. A batch with
+    a message id that an unconfirmed publish on the channel already has waits for that one first (a return is
+    matched by message id); two messages of one batch must not share an id.
 
     Returns one entry per message: ``None`` when confirmed, else the failure, never raised, so that the caller
     can tell permanent refusals from connection losses. A message whose properties cannot be encoded fails
@@ -1778,24 +1784,46 @@ async def _send_batch(
     Returns the delivery tag before the batch's (its messages have the next ones, in order), the batch, and
     each message's confirmation.
     """
-    async with channel.lock:
-        first = channel.delivery_tag
-        batch = _Batch(channel, len(prepared))
-        confirms = batch.confirms()
-        for (_, message_id, _), confirm in zip(prepared, confirms, strict=True):
-            channel.delivery_tag += 1
-            channel.confirmations[channel.delivery_tag] = confirm  # type: ignore[assignment]
-            channel.message_id_delivery_tag[message_id] = channel.delivery_tag
-        try:
-            payload = b"".join(frames for _, _, frames in prepared)
-            await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
-        except BaseException:
-            # The broker has not seen these publishes: give their sequence numbers back (lock still held).
-            for tag, (_, message_id, _) in enumerate(prepared, first + 1):
-                channel.confirmations.pop(tag, None)
-                if channel.message_id_delivery_tag.get(message_id) == tag:
-                    del channel.message_id_delivery_tag[message_id]
-            channel.delivery_tag = first
-            batch.future.cancel()
-            raise
-    return first, batch, confirms
+    while True:
+        async with channel.lock:
+            earlier = _unconfirmed_with_same_id(channel, prepared)
+            if earlier is None:
+                first = channel.delivery_tag
+                batch = _Batch(channel, len(prepared))
+                confirms = batch.confirms()
+                for (_, message_id, _), confirm in zip(prepared, confirms, strict=True):
+                    channel.delivery_tag += 1
+                    channel.confirmations[channel.delivery_tag] = confirm  # type: ignore[assignment]
+                    channel.message_id_delivery_tag[message_id] = channel.delivery_tag
+                try:
+                    payload = b"".join(frames for _, _, frames in prepared)
+                    await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+                except BaseException:
+                    # The broker has not seen these publishes: give their sequence numbers back (lock still held).
+                    for tag, (_, message_id, _) in enumerate(prepared, first + 1):
+                        channel.confirmations.pop(tag, None)
+                        if channel.message_id_delivery_tag.get(message_id) == tag:
+                            del channel.message_id_delivery_tag[message_id]
+                    channel.delivery_tag = first
+                    batch.future.cancel()
+                    raise
+                return first, batch, confirms
+        # aiormq matches a basic.return to its publish by message id: with two unconfirmed publishes of one id on
+        # this channel (a copy keeps its original's id, and at-least-once delivers duplicates), the return of
+        # one would fail the other, and the returned one would pass as confirmed. Wait for the earlier one.
+        await asyncio.wait({earlier})
+
+
+def _unconfirmed_with_same_id(
+    channel: aiormq.Channel, prepared: list[tuple[int, str, bytes]]
+) -> asyncio.Future[None] | None:
+    """The batch future of an unconfirmed publish on ``channel`` that has a message id of ``prepared``."""
+    tags = channel.message_id_delivery_tag
+    for _, message_id, _ in prepared:
+        tag = tags.get(message_id)
+        if tag is None:
+            continue
+        confirm = channel.confirmations.get(tag)
+        if isinstance(confirm, _Confirm) and not confirm.done_:
+            return confirm.batch.future
+    return None
