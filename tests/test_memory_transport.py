@@ -397,6 +397,23 @@ async def test_a_retry_delay_that_cannot_be_scheduled_falls_back_to_the_policy(a
     assert processed.outcome.delay == 10  # NO_JITTER's first delay
 
 
+async def test_the_error_an_outcome_carries_for_the_log_is_bounded_like_its_header(app: App):
+    """The worker logs ``outcome.error``: a listener's 3,000-character message is cut there as in the header."""
+
+    async def wordy(evt: CommentPosted) -> None:
+        raise RuntimeError("x" * 3_000)
+
+    app.add_listener(wordy, CommentPosted, queue=True, id="tests:wordy", retry=NO_JITTER)
+    async with TestTransport(app) as transport:
+        await transport.publish([_raw(**{"x-queueable-listener": "tests:wordy"})])
+        processed = await transport.run_until_idle(advance_time=True)
+    outcomes = [record.outcome for record in processed]
+    assert [type(outcome).__name__ for outcome in outcomes] == ["RetryLater", "RetryLater", "DeadLetter"]
+    for outcome in outcomes:
+        assert 1_900 < len(outcome.error) <= 2_000  # type: ignore[union-attr]
+        assert outcome.error == outcome.message.headers[wire.H_ERROR_MESSAGE]  # type: ignore[union-attr]
+
+
 async def test_message_body_is_the_event_json(app: App):
     """The body is the event's JSON and nothing else, so other languages can produce it."""
     async with TestTransport(app) as transport:

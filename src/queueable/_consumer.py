@@ -234,7 +234,7 @@ class Processor:
         headers[_wire.H_LAST_FAILURE] = now
         headers[_wire.H_ERROR_TYPE] = error_type
         headers[_wire.H_ERROR_MESSAGE] = _bounded(_describe(exc), MAX_ERROR_MESSAGE)
-        return RetryLater(delay, message.to_outgoing(message.queue, headers), _describe(exc))
+        return RetryLater(delay, message.to_outgoing(message.queue, headers), headers[_wire.H_ERROR_MESSAGE])
 
     def _dead(
         self,
@@ -264,7 +264,7 @@ class Processor:
             formatted = "".join(traceback.format_exception(exc))
             headers[_wire.H_ERROR_TRACEBACK] = _bounded(formatted, MAX_TRACEBACK, keep="end")
         out = message.to_outgoing(dead_letter_queue_for(message.queue), headers)
-        return DeadLetter(reason, out, error)
+        return DeadLetter(reason, out, headers[_wire.H_ERROR_MESSAGE])  # bounded: it is logged too
 
 
 def _listener_id(message: _wire.IncomingMessage) -> str:
