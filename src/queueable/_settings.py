@@ -27,8 +27,8 @@ def mask_url(url: str | None) -> str:
     try:
         parts = urlsplit(url)
         port = parts.port  # raises for a port that is not a number in range
-    except ValueError:  # malformed: mask everything between the scheme and the host
-        return re.sub(r"://[^@/]*@", "://***@", url)
+    except ValueError:  # malformed: mask everything up to the last "@" (a password may hold "/" or "@")
+        return re.sub(r"://.*@", "://***@", url, flags=re.DOTALL)
     if parts.password is None:
         return url
     user = parts.username or ""
@@ -46,8 +46,13 @@ def _check_url(url: str) -> None:
     try:
         parts = urlsplit(url)
         _ = parts.port  # a port that is not a number in 0-65535
-    except ValueError as exc:
-        msg = f"malformed broker URL {mask_url(url)}: {exc}"
+    except ValueError:
+        # Not urllib's own message: it quotes the text it could not read as a port, which can be part of a
+        # password holding "/" or "?" (quote those as %2F and %3F).
+        msg = (
+            f"malformed broker URL {mask_url(url)}: the port must be a number from 0 to 65535, an IPv6 host "
+            "needs its [brackets], and '/', '?', '#' and '@' in a user name or password must be %-encoded"
+        )
         raise ConfigurationError(msg) from None
     if parts.scheme not in ("amqp", "amqps", "memory"):
         msg = f"unsupported URL scheme in {mask_url(url)}: use amqp://, amqps:// or memory://"

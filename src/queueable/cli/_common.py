@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import select
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -78,11 +79,14 @@ def cli_errors(func: F) -> F:
             return func(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
-        except BrokenPipeError:
+        except BrokenPipeError as exc:
+            if not _stdout_reader_gone():
+                msg = f"broker unreachable: {_safe(exc)}"  # the broker's socket, not our output
+                raise CliError(msg, EXIT_BROKER) from exc
             # The reader went away (`queueable dead list --json | head -1`): not a failure of ours to report.
             # Further writes to the closed pipe (at interpreter exit) go nowhere, and the exit code is what a
             # command killed by SIGPIPE has.
-            with contextlib.suppress(OSError, ValueError):  # stdout may be no file (a test runner's buffer)
+            with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(EXIT_PIPE) from None
         except ConfigurationError as exc:
@@ -100,6 +104,17 @@ def cli_errors(func: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end was closed (poll reports an error on it)."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file behind stdout (a test runner's buffer), no poll
+        return False
 
 
 def _is_connection_error(exc: BaseException) -> bool:
