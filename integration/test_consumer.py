@@ -358,6 +358,27 @@ async def test_a_failure_copy_too_large_for_one_frame_goes_without_its_traceback
     await wait_for(lambda: world.count("handled", "after") == 1)
 
 
+async def test_a_message_whose_own_headers_fill_a_frame_is_dead_lettered_without_them(world, admin, unique):
+    """The broker took the message, but no copy with the error headers fits in a frame, even without the
+    traceback: it is dead-lettered (reason oversized) with its body and queueable's own headers, naming the
+    producer's headers it had to leave out, instead of being requeued for ever.
+    """
+    blob = "y" * 130_700  # the incoming header frame fits (131,064 bytes at most); a copy with any error does not
+    headers = {H_LISTENER: "tests:fail", H_EVENT: "qtest.consumer.fail", "x-blob": blob, "x-trace": "t-1"}
+    message_id = await publish_raw(admin, unique, unique, b'{"id": "full"}', headers=headers)
+    [dead] = await dead_letters(admin, unique, timeout=15)
+    assert dead.message_id == message_id
+    assert dead.body == b'{"id": "full"}'
+    assert dead.headers[H_DEAD_REASON] == "oversized"
+    assert dead.headers[H_LISTENER] == "tests:fail"
+    assert dead.headers["x-queueable-dropped-headers"] == "x-blob, x-trace"
+    assert "x-blob" not in dead.headers
+    assert "fail full attempt 1" in dead.headers[H_ERROR_MESSAGE]
+    assert world.count("attempt", "full") == 1
+    await world.app.dispatch(Ping(id="after"))
+    await wait_for(lambda: world.count("handled", "after") == 1)
+
+
 async def test_graceful_stop_lets_running_handler_finish(world, admin, unique):
     """A handler running at stop() finishes within the shutdown timeout and its message is acked."""
     await world.app.dispatch(Slow(id="s1", seconds=0.5))

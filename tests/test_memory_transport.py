@@ -381,20 +381,22 @@ async def test_embedded_mode_runs_every_retry_when_its_time_comes():
 async def test_a_retry_delay_that_cannot_be_scheduled_falls_back_to_the_policy(app: App):
     """A ``Retry`` subclass can set any delay; a non-finite or negative one uses the policy's backoff."""
 
+    delays: list[object] = [float("inf"), float("nan"), -1, 10**400, True, "5"]
+
     class Odd(Retry):
         def __init__(self) -> None:
             super().__init__("odd")
-            self.delay = float("inf")
+            self.delay = delays.pop(0)  # type: ignore[assignment]
 
     async def odd(evt: CommentPosted) -> None:
         raise Odd
 
     app.add_listener(odd, CommentPosted, queue=True, id="tests:odd", retry=NO_JITTER)
     async with TestTransport(app) as transport:
-        await transport.publish([_raw(**{"x-queueable-listener": "tests:odd"})])
-        (processed,) = await transport.run_until_idle()
-    assert isinstance(processed.outcome, RetryLater)
-    assert processed.outcome.delay == 10  # NO_JITTER's first delay
+        for _ in range(6):
+            await transport.publish([_raw(**{"x-queueable-listener": "tests:odd"})])
+        processed = await transport.run_until_idle()
+    assert [record.outcome.delay for record in processed] == [10] * 6  # type: ignore[union-attr]  # NO_JITTER's first
 
 
 async def test_the_error_an_outcome_carries_for_the_log_is_bounded_like_its_header(app: App):

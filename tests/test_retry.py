@@ -58,3 +58,12 @@ def test_non_finite_delays_are_refused(value):
         RetryPolicy(max_delay=value)
     with pytest.raises(ValueError, match="finite number of seconds"):
         Retry(delay=value)
+
+
+def test_a_huge_attempt_number_gets_the_maximum_delay_instead_of_overflowing():
+    """2.0 ** 1100 overflows a float: a policy with many attempts (or a forged attempt header) got
+    OverflowError out of the worker's decision, which requeued the message forever.
+    """
+    policy = RetryPolicy(max_attempts=1_000_000, initial_delay=1, max_delay=300, jitter=0)
+    assert policy.delay_for(1_100) == 300
+    assert policy.delay_for(10**9) == 300

@@ -224,8 +224,8 @@ class Processor:
             return self._dead(message, DeadReason.NON_RETRYABLE, error_type, _describe(exc), exc)
         if attempt >= entry.retry.max_attempts:
             return self._dead(message, DeadReason.RETRIES_EXHAUSTED, error_type, _describe(exc), exc)
-        delay = exc.delay if isinstance(exc, Retry) else None
-        if not isinstance(delay, int | float) or not math.isfinite(delay) or delay < 0:
+        delay = _usable_delay(exc.delay) if isinstance(exc, Retry) else None
+        if delay is None:
             delay = entry.retry.delay_for(attempt)  # none asked for, or no usable one (a subclass can set any)
         now = _wire.iso_now(self.clock())
         headers = _own_headers(message.headers)
@@ -235,6 +235,21 @@ class Processor:
         headers[_wire.H_ERROR_TYPE] = error_type
         headers[_wire.H_ERROR_MESSAGE] = _bounded(_describe(exc), MAX_ERROR_MESSAGE)
         return RetryLater(delay, message.to_outgoing(message.queue, headers), headers[_wire.H_ERROR_MESSAGE])
+
+    def oversized(self, message: _wire.IncomingMessage, refused: RetryLater | DeadLetter) -> DeadLetter:
+        """The last resort for a copy that does not fit in one frame even without its traceback (the message's
+        own headers nearly fill it): a dead letter (reason ``oversized``) with the body and queueable's own
+        headers, naming the producer's headers it leaves out in ``x-queueable-dropped-headers``.
+        """
+        own = {k: v for k, v in message.headers.items() if k.startswith("x-queueable-")}
+        dropped = sorted(k for k in message.headers if k not in own and k not in _BROKER_HEADERS)
+        own[_wire.H_DROPPED_HEADERS] = _bounded(", ".join(dropped), 1_000)
+        cause = _bounded(refused.error, SLIM_ERROR_MESSAGE)
+        error = (
+            f"its headers leave no room in one AMQP frame for a copy with the error: left out header(s) "
+            f"{', '.join(dropped) or '(none)'}; the listener's error was: {cause}"
+        )
+        return self._dead(replace(message, headers=own), DeadReason.OVERSIZED, "MessageTooLarge", error, exc=None)
 
     def _dead(
         self,
@@ -344,6 +359,17 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     return value if isinstance(value, str) and value else None
+
+
+def _usable_delay(delay: object) -> float | None:
+    """``delay`` as seconds if it is a finite number >= 0 (an int too large for a float is not)."""
+    if not isinstance(delay, int | float) or isinstance(delay, bool):
+        return None
+    try:
+        seconds = float(delay)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _cancelling() -> bool:

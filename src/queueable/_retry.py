@@ -61,7 +61,10 @@ class RetryPolicy:
 
     def delay_for(self, attempt: int, *, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based) before the next one."""
-        base = min(self.initial_delay * self.multiplier ** (attempt - 1), self.max_delay)
+        try:
+            base = min(self.initial_delay * self.multiplier ** (attempt - 1), self.max_delay)
+        except OverflowError:  # past attempt ~1,025 with multiplier 2: far beyond max_delay anyway
+            base = self.max_delay
         if self.jitter and base:
             spread = (rng or _rng).uniform(-self.jitter, self.jitter)
             base = min(base * (1 + spread), self.max_delay)

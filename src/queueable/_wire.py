@@ -48,6 +48,8 @@ H_ORIGINAL_QUEUE = "x-queueable-original-queue"
 H_DEAD_AT = "x-queueable-dead-at"
 H_CONSUMER_HOST = "x-queueable-consumer-host"
 H_CONSUMER_PID = "x-queueable-consumer-pid"
+#: Dead letters whose own headers left no room in one frame: the names of the producer's headers left out.
+H_DROPPED_HEADERS = "x-queueable-dropped-headers"
 
 
 _second_cache: tuple[int, str] = (-1, "")

@@ -309,7 +309,7 @@ class Worker:
             log.warning("message %s: delivery lost with its channel; it will be redelivered", incoming.message_id)
             return
         try:
-            outcome = await self._publish_copy(outcome)
+            outcome = await self._publish_copy(outcome, incoming)
         except (QueueableError, OSError) as exc:
             self.stats.failed_outcomes += 1
             kind = "retry" if isinstance(outcome, RetryLater) else "dead letter"
@@ -345,26 +345,44 @@ class Worker:
             )
         await self._settle(token, ack=True)
 
-    async def _publish_copy(self, outcome: RetryLater | DeadLetter) -> RetryLater | DeadLetter:
+    async def _publish_copy(
+        self, outcome: RetryLater | DeadLetter, incoming: _wire.IncomingMessage
+    ) -> RetryLater | DeadLetter:
         """Publish the retry or dead-letter copy; returns the outcome whose copy went out.
 
         A copy too large for one frame (incoming headers close to the broker's ``frame_max``, plus the error
-        headers this worker adds) goes again without its traceback and with a short error message.
+        headers this worker adds) goes again without its traceback and with a short error message; if even that
+        does not fit, as a dead letter without the producer's own headers (:meth:`Processor.oversized`), so that
+        the message is not requeued for ever.
         """
         try:
             await self._publish_outcome(outcome)
         except MessageTooLargeError as exc:
+            kind = "retry" if isinstance(outcome, RetryLater) else "dead letter"
             slim = slimmed(outcome)
-            if slim is None:
-                raise
+            if slim is not None:
+                log.warning(
+                    "message %s: its %s copy is too large (%s); sending it without the traceback",
+                    outcome.message.message_id,
+                    kind,
+                    exc,
+                )
+                try:
+                    await self._publish_outcome(slim)
+                except MessageTooLargeError:
+                    pass
+                else:
+                    return slim
+            bare = self.processor.oversized(incoming, outcome)
             log.warning(
-                "message %s: its %s copy is too large (%s); sending it without the traceback",
+                "message %s: its %s copy does not fit in one frame even without the traceback; dead-lettering it "
+                "without its producer's headers (%s)",
                 outcome.message.message_id,
-                "retry" if isinstance(outcome, RetryLater) else "dead letter",
-                exc,
+                kind,
+                bare.message.headers.get(_wire.H_DROPPED_HEADERS),
             )
-            await self._publish_outcome(slim)
-            return slim
+            await self._publish_outcome(bare)
+            return bare
         return outcome
 
     async def _publish_outcome(self, outcome: RetryLater | DeadLetter) -> None:
