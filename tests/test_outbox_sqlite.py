@@ -358,6 +358,27 @@ async def test_a_strict_drain_says_what_it_could_not_publish(engine: sa.Engine, 
     assert await Relay(engine, PickyTransport(reject_post=-1)).drain(strict=True) == 0  # not due yet: backoff
 
 
+async def test_a_drain_ends_when_a_round_publishes_nothing(engine: sa.Engine, outbox: Outbox):
+    """With retry_delay=0 a refused row is available again at once: the drain must not claim it forever."""
+    with Session(engine) as session, session.begin():
+        await outbox.dispatch(session, CommentPosted(post_id=1, author="a", text="t"))
+    picky = PickyTransport(reject_post=1)
+    relay = Relay(engine, picky, retry_delay=0)
+    with pytest.raises(PublishError, match=r"1 outbox message\(s\) not published \(0 were\)"):
+        await asyncio.wait_for(relay.drain(strict=True), 10)
+    assert len(rows(engine)) == 1
+
+
+async def test_a_drain_stops_when_told(engine: sa.Engine, outbox: Outbox, transport: TestTransport):
+    """--once under SIGTERM: the drain looks at the stop event between rounds."""
+    with Session(engine) as session, session.begin():
+        await outbox.dispatch(session, COMMENT)
+    stop = asyncio.Event()
+    stop.set()
+    assert await Relay(engine, transport).drain(stop=stop) == 0
+    assert len(rows(engine)) == 1
+
+
 async def test_a_failing_round_backs_off_and_logs_one_traceback(
     db_url: str, transport: TestTransport, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
@@ -371,16 +392,16 @@ async def test_a_failing_round_backs_off_and_logs_one_traceback(
 
     async def no_wait(_stop: asyncio.Event, seconds: float) -> None:
         pauses.append(seconds)
-        if len(pauses) == 7:
+        if len(pauses) == 1_100:  # past 1,024 failures 2 ** n overflowed a float and ended the relay
             stop.set()
 
     monkeypatch.setattr(_relay, "_wait", no_wait)
     relay = Relay(sa.create_engine(db_url), transport, interval=0.01, listen=False)  # the table was never made
     await asyncio.wait_for(relay.run(stop), 10)
-    assert pauses == [1, 2, 4, 8, 16, 30, 30]
+    assert pauses == [1, 2, 4, 8, 16] + [30] * 1_095
     failures = [r for r in caplog.records if "relay round failed" in r.message]
-    assert len(failures) == 7
-    assert [r.exc_info is not None for r in failures] == [True] + [False] * 6
+    assert len(failures) == 1_100
+    assert [r.exc_info is not None for r in failures] == [True] + [False] * 1_099
     assert all("\n" not in r.getMessage() for r in failures[1:])
     assert "no such table" in failures[1].getMessage()
 
@@ -495,6 +516,37 @@ def test_relay_once_exits_3_when_rows_could_not_be_published(
     assert result.exit_code == 3, result.output
     assert "1 outbox message(s) not published (0 were)" in result.output
     assert len(rows(engine)) == 1
+
+
+def test_a_long_running_relay_waits_for_a_database_it_cannot_use_yet(app_module: str, tmp_path: Path):
+    """A relay started before its database is up (or while it is locked) must not exit 5: it logs the problem
+    once and backs off until the database answers, or until SIGTERM (exit 0).
+    """
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    missing = f"sqlite:///{tmp_path / 'not-yet' / 'app.db'}"  # its folder does not exist: cannot be opened
+    cli = "from queueable.cli import main; main()"
+    command = [sys.executable, "-c", cli, "relay", app_module, "--db", missing, "--no-listen"]
+    relay = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)  # noqa: S603
+    try:
+        assert relay.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 20
+        while "relay round failed" not in seen and time.monotonic() < deadline:
+            seen += relay.stderr.readline()
+        assert relay.poll() is None, seen  # still running
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(timeout=20) == 0
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait()
+        if relay.stderr is not None:
+            relay.stderr.close()
+    assert "cannot check the outbox table now" in seen
+    assert "unable to open database file" in seen
 
 
 def test_the_notify_channel_is_the_tables_qualified_name():

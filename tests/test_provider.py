@@ -135,9 +135,27 @@ def test_queue_names_are_the_queues_listeners_use():
     assert provider.queue_names == ["queueable"]
     provider.add_listener(on_comment, CommentPosted, queue=True, id="a", queue_name="mail")
     assert provider.queue_names == ["mail"]
+    assert provider.all_queue_names == ["queueable", "mail"]  # dead letters from before may still be there
     provider.add_listener(on_comment, CommentPosted, queue=True, id="b")
     provider.add_listener(on_comment, CommentPosted, queue=True, id="c", queue_name="audit")
-    assert provider.queue_names == ["queueable", "audit", "mail"]
+    assert provider.queue_names == provider.all_queue_names == ["queueable", "audit", "mail"]
+
+
+def test_a_worker_may_still_be_told_to_drain_the_default_queue(caplog: pytest.LogCaptureFixture):
+    """After every listener moved to a queue of its own, messages published before wait in the default queue
+    for listener ids the app still registers: ``-Q queueable`` is allowed (with a warning); another queue that
+    no listener uses is still refused.
+    """
+    from queueable import App, Settings  # noqa: PLC0415
+    from queueable.cli.consume import _queues  # noqa: PLC0415
+
+    app = App(settings=Settings(url="amqp://localhost/"))
+    app.add_listener(on_comment, CommentPosted, queue=True, id="a", queue_name="mail")
+    assert _queues(app, ()) == ("mail",)
+    assert _queues(app, ("queueable", "mail")) == ("queueable", "mail")
+    assert "no queued listener of this app uses now" in caplog.text
+    with pytest.raises(ConfigurationError, match="no queued listener of this app uses queue"):
+        _queues(app, ("elsewhere",))
 
 
 def test_service_decorator_registers_class_and_marked_methods():

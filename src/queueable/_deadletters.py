@@ -700,7 +700,7 @@ class DeadLetterAdmin:
     @classmethod
     def for_app(cls, app: App, queues: Iterable[str] = ()) -> DeadLetterAdmin:
         """The admin of an app's queues (or of ``queues`` when given)."""
-        return cls(app.settings, list(queues) or app.provider.queue_names)
+        return cls(app.settings, list(queues) or app.provider.all_queue_names)
 
     @property
     def dead_queues(self) -> list[str]:

@@ -384,6 +384,15 @@ class ListenerProvider:
         names = names or {self.default_queue}
         return sorted(names, key=lambda name: (name != self.default_queue, name))
 
+    @property
+    def all_queue_names(self) -> list[str]:
+        """:attr:`queue_names` and the default queue: everywhere this app's messages and dead letters can be,
+        those published before its listeners moved to queues of their own included (what the dead-letter
+        commands and ``status`` look at; workers consume :attr:`queue_names`).
+        """
+        names = self.queue_names
+        return names if self.default_queue in names else [self.default_queue, *names]
+
     def validate(self) -> None:
         """Check every service listener against the container: the service exists and has the method.
 

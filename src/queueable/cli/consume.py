@@ -186,7 +186,16 @@ def _queues(app: App, requested: tuple[str, ...]) -> tuple[str, ...]:
     known = app.provider.queue_names
     if not requested:
         return tuple(known)
-    unknown = [name for name in requested if name not in known]
+    default = app.provider.default_queue
+    if default in requested and default not in known:
+        # Allowed: after a deploy that gave every listener a queue of its own, messages and retries published
+        # before it still wait in the default queue, for listener ids this app still registers.
+        log.warning(
+            "consuming %s, which no queued listener of this app uses now: messages there for listeners this app "
+            "registers are handled, any others are dead-lettered as unknown listeners",
+            default,
+        )
+    unknown = [name for name in requested if name not in known and name != default]
     if unknown:
         msg = (
             f"no queued listener of this app uses queue(s) {', '.join(unknown)} (its queues: {', '.join(known)}); "

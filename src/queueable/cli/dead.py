@@ -129,7 +129,7 @@ def _filter(
 def _admin(app_spec: str | None, url: str | None, queues: tuple[str, ...]) -> tuple[App | None, DeadLetterAdmin]:
     app, settings = resolve_settings(app_spec, url)
     if app is not None:
-        return app, DeadLetterAdmin(settings, list(queues) or app.provider.queue_names)
+        return app, DeadLetterAdmin(settings, list(queues) or app.provider.all_queue_names)
     return None, DeadLetterAdmin(settings, list(queues))
 
 

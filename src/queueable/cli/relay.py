@@ -154,7 +154,10 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
             msg = f"no outbox table {table!r} in {mask_url(db)}: create it with --create-table (or migrations)"
             raise ConfigurationError(msg)
     except sa.exc.SQLAlchemyError as exc:
-        raise _database_error(db, exc) from exc
+        if once or create_table:
+            raise _database_error(db, exc) from exc
+        # Not reachable now (still starting, locked, a failover): a long-running relay waits for it, backing off.
+        log.warning("cannot check the outbox table now (%s); the relay retries", _database_error(db, exc))
     transport = RabbitMQTransport(settings, queues=loaded.provider.queue_names)
     worker = Relay(
         engine,
@@ -192,7 +195,7 @@ async def _run(worker: Relay, *, once: bool) -> None:
     log.info("relay pid %d publishing %s", os.getpid(), worker.table.name)
     try:
         if once:
-            published = await worker.drain(strict=True)
+            published = await worker.drain(strict=True, stop=stop)
             log.info("published %d message(s); the outbox has nothing available now", published)
         else:
             await worker.run(stop)

@@ -46,7 +46,7 @@ def status(
 ) -> None:
     """Every queueable queue (work, .dead, delay) with ready and unacked messages and consumers."""
     app, settings = resolve_settings(app_spec, url)
-    names = list(queues) or (app.provider.queue_names if app is not None else [settings.default_queue])
+    names = list(queues) or (app.provider.all_queue_names if app is not None else [settings.default_queue])
     admin = DeadLetterAdmin(settings, names)
 
     async def work() -> list[QueueStatus]:

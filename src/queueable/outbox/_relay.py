@@ -133,7 +133,7 @@ class Relay:
                     result = await self.run_once()
                 except Exception as exc:
                     failures += 1
-                    pause = min(max(self.interval, 1.0) * 2 ** (failures - 1), MAX_FAILURE_PAUSE)
+                    pause = min(max(self.interval, 1.0) * 2 ** min(failures - 1, 16), MAX_FAILURE_PAUSE)
                     if failures == 1:
                         log.exception("relay round failed; retrying in %.1f s", pause)
                     else:
@@ -167,23 +167,24 @@ class Relay:
             log.exception("waiting for outbox notifications failed; polling")
             await _wait(stop, self.interval)
 
-    async def drain(self, *, strict: bool = False) -> int:
-        """Relay until no row is available now; return how many messages were published.
+    async def drain(self, *, strict: bool = False, stop: asyncio.Event | None = None) -> int:
+        """Relay until no row is available now (or ``stop`` is set); return how many messages were published.
 
-        A message the broker did not confirm goes back to the table for a later attempt (after a backoff), so it
-        is not available now. With ``strict``, such messages make ``drain`` raise ``PublishError`` once the rest
-        is done, saying how many stayed behind (for a one-shot run, whose success must mean the outbox is empty
-        of what was due).
+        A message the broker did not confirm goes back to the table for a later attempt (after a backoff, so
+        usually not available now). A round that publishes nothing ends the drain too: with ``retry_delay=0`` the
+        same refused rows would otherwise be claimed again forever. With ``strict``, messages that stayed behind
+        make ``drain`` raise ``PublishError`` at the end, saying how many and why (for a one-shot run, whose
+        success must mean that the outbox holds nothing that was due).
         """
         total = failed = 0
         last: list[str] = []
-        while True:
+        while stop is None or not stop.is_set():
             result = await self.run_once()
             total += result.published
             failed += result.failed
             if result.error is not None:
                 last[:] = [result.error]
-            if result.claimed == 0:
+            if result.claimed == 0 or result.published == 0:
                 break
         if strict and failed:
             msg = (
