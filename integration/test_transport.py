@@ -339,19 +339,18 @@ async def test_password_never_in_errors_or_repr(amqp_url, unique):
     await transport.close()
 
 
-async def test_a_virtual_host_that_does_not_exist_is_named_and_not_retried(amqp_url, unique):
+async def test_a_virtual_host_that_does_not_exist_is_named(amqp_url, unique):
     """RabbitMQ closes the connection at open for an unknown vhost; aiormq reports a bare InvalidFrameError.
-    Publisher and dead-letter admin both say which vhost, at once (no retrying until the timeout).
+    Publisher and dead-letter admin both say which vhost (the publisher after retrying within its timeout, as
+    for an unreachable broker: a vhost can be down for a moment while a node starts).
     """
     from queueable.deadletters import DeadLetterAdmin  # noqa: PLC0415
 
     url = amqp_url.rstrip("/") + f"/{unique}-no-such-vhost"
-    settings = Settings(url=url, default_queue=unique, publish_timeout=20)
+    settings = Settings(url=url, default_queue=unique, publish_timeout=3, connect_timeout=1)
     transport = RabbitMQTransport(settings, queues=[unique])
-    started = time.monotonic()
     with pytest.raises(PublishError, match=f"the virtual host '{unique}-no-such-vhost' does not exist"):
         await transport.publish([message(unique)])
-    assert time.monotonic() - started < 10  # refused, not retried until publish_timeout
     await transport.close()
     with pytest.raises(ConnectionRefusedError, match=f"the virtual host '{unique}-no-such-vhost' does not exist"):
         async with DeadLetterAdmin(settings, [unique]):

@@ -660,7 +660,7 @@ def open_refused(exc: BaseException, url: str) -> str | None:
     vhost = unquote(urlsplit(url).path[1:]) or "/"
     return (
         f"RabbitMQ at {mask_url(url)} refused to open the connection: the virtual host {vhost!r} does not "
-        "exist, or the user may not use it (the broker's log says which)"
+        "exist, is not running, or the user may not use it (the broker's log says which)"
     )
 
 
@@ -850,7 +850,11 @@ class RabbitMQTransport:
                 refused = open_refused(exc, self._url or "")
                 if refused is None:
                     raise
-                raise _CredentialsRefusedError(refused) from None
+                # Retried like an unreachable broker: a vhost can also be down for a moment (a node starting).
+                if time.monotonic() >= deadline:
+                    raise _UnreachableError(refused) from None
+                log.debug("%s; retrying", refused)
+                await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
             except _CONNECT_FAILURES as exc:
                 if time.monotonic() >= deadline:
                     msg = f"cannot connect to RabbitMQ at {mask_url(self._url)}: {_describe(exc, self._url)}"
