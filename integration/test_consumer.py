@@ -285,6 +285,22 @@ async def test_bad_input_is_dead_lettered_and_consumer_goes_on(world, admin, uni
     assert world.worker.stats.dead_lettered == 1
 
 
+async def test_a_compressed_body_is_refused_for_its_encoding_and_keeps_it(world, admin, unique):
+    """gzip'd JSON used to be dead-lettered as not_utf8, and the copy lost the encoding (a copy has no such
+    property). It is refused for its encoding, and the dead letter says which in a header.
+    """
+    import gzip  # noqa: PLC0415
+
+    body = gzip.compress(b'{"id": "zipped"}')
+    message_id = await publish_raw(admin, unique, unique, body, headers=GOOD_HEADERS, content_encoding="gzip")
+    [dead] = await dead_letters(admin, unique)
+    assert dead.message_id == message_id
+    assert dead.body == body
+    assert dead.headers[H_DEAD_REASON] == "content_type"
+    assert "content encoding 'gzip' is not supported" in dead.headers[H_ERROR_MESSAGE]
+    assert dead.headers["x-queueable-content-encoding"] == "gzip"
+
+
 async def test_dead_letter_publish_failure_requeues_original(amqp_url, admin, unique):
     """With Q.dead deleted, the dead-letter copy is unroutable: the original is requeued, never acked, and
     reaches Q.dead once the queue exists again.

@@ -193,6 +193,22 @@ async def test_bad_input_is_dead_lettered_with_its_reason(app: App, recorder: Re
     assert recorder.calls == []
 
 
+@pytest.mark.parametrize(("encoding", "handled"), [("gzip", False), ("identity", True), ("UTF-8", True)])
+async def test_a_content_encoding_that_changes_the_body_is_refused(app: App, encoding: str, handled: bool):
+    """Only encodings that leave the body as it is are read (the Processor decides for every transport)."""
+    message = wire.IncomingMessage(
+        queue="queueable",
+        body=b'{"post_id":1,"author":"a","text":"t"}',
+        headers=dict(_raw().headers),
+        content_encoding=encoding,
+    )
+    outcome = await app.processor().process(message)
+    assert isinstance(outcome, Handled) is handled
+    if not handled:
+        assert outcome.reason is DeadReason.CONTENT_TYPE  # type: ignore[union-attr]
+        assert outcome.message.headers[wire.H_CONTENT_ENCODING] == encoding  # type: ignore[union-attr]
+
+
 async def test_wrong_content_type_is_dead_lettered(app: App):
     """A message that says it is not JSON is refused as such."""
     from dataclasses import replace  # noqa: PLC0415

@@ -55,6 +55,8 @@ DEAD_SUFFIX = ".dead"
 MAX_ERROR_MESSAGE = 2_000
 MAX_TRACEBACK = 8_000
 DEFAULT_MAX_BODY_SIZE = 1_048_576  # 1 MiB
+#: Content encodings that leave the body as it is (anything else, gzip say, would need decoding first).
+_PLAIN_ENCODINGS = frozenset({"", "identity", "utf-8", "utf8"})
 
 
 def dead_letter_queue_for(queue: str) -> str:
@@ -195,6 +197,10 @@ class Processor:
         if content_type not in {"", _wire.CONTENT_TYPE}:
             msg = f"content type {message.content_type!r} is not {_wire.CONTENT_TYPE}"
             raise _BadInput(DeadReason.CONTENT_TYPE, msg)
+        encoding = (message.content_encoding or "").strip().lower()
+        if encoding not in _PLAIN_ENCODINGS:
+            msg = f"content encoding {message.content_encoding!r} is not supported: the body must be plain JSON"
+            raise _BadInput(DeadReason.CONTENT_TYPE, msg)
         if len(message.body) > self.max_body_size:
             msg = f"body of {len(message.body)} bytes exceeds the limit of {self.max_body_size}"
             raise _BadInput(DeadReason.OVERSIZED, msg)
@@ -275,6 +281,8 @@ class Processor:
             }
         )
         headers.setdefault(_wire.H_ATTEMPT, 1)
+        if message.content_encoding:  # the copy has no such property: the header keeps what the body is
+            headers[_wire.H_CONTENT_ENCODING] = message.content_encoding
         if exc is not None:
             formatted = "".join(traceback.format_exception(exc))
             headers[_wire.H_ERROR_TRACEBACK] = _bounded(formatted, MAX_TRACEBACK, keep="end")

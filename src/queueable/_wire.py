@@ -50,6 +50,8 @@ H_CONSUMER_HOST = "x-queueable-consumer-host"
 H_CONSUMER_PID = "x-queueable-consumer-pid"
 #: Dead letters whose own headers left no room in one frame: the names of the producer's headers left out.
 H_DROPPED_HEADERS = "x-queueable-dropped-headers"
+#: Dead letters of a message that came with a content encoding: that encoding (the copy has no such property).
+H_CONTENT_ENCODING = "x-queueable-content-encoding"
 
 
 _second_cache: tuple[int, str] = (-1, "")
