@@ -303,6 +303,29 @@ async def test_a_message_the_processor_cannot_decide_stays_queued(app: App, monk
         assert isinstance(processed.outcome, Handled)
 
 
+async def test_without_an_event_header_a_listener_of_several_types_is_ambiguous():
+    """A producer that sends only the listener id of a listener registered for two event types: the worker
+    cannot know which model the body is, so it dead-letters the message instead of picking the first.
+    """
+    from tests.fakes import PostPublished  # noqa: PLC0415
+
+    calls: list[object] = []
+
+    async def audit(evt: object) -> None:
+        calls.append(evt)
+
+    app = App(settings=Settings(url="memory://"))
+    app.add_listener(audit, CommentPosted, queue=True, id="tests:audit")
+    app.add_listener(audit, PostPublished, queue=True, id="tests:audit")
+    async with TestTransport(app) as transport:
+        headers = {wire.H_LISTENER: "tests:audit"}
+        await transport.publish([OutgoingMessage(queue="queueable", body=b'{"post_id": 1}', headers=headers)])
+        (processed,) = await transport.run_until_idle()
+    assert processed.outcome.reason is DeadReason.UNKNOWN_EVENT  # type: ignore[union-attr]
+    assert "listens to several event types" in processed.outcome.error  # type: ignore[union-attr]
+    assert calls == []
+
+
 async def test_publishing_to_an_unknown_queue_is_unroutable(app: App):
     """Like mandatory publishing on RabbitMQ: no queue, no silent drop."""
     async with TestTransport(app) as transport:

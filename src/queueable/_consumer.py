@@ -206,6 +206,13 @@ class Processor:
             raise _BadInput(DeadReason.OVERSIZED, msg)
 
     def _event_class(self, candidates: tuple[Listener, ...], name: str | None) -> tuple[Listener, type[BaseModel]]:
+        if name is None and len(candidates) > 1:
+            types = ", ".join(event_name(entry.event_type) for entry in candidates)
+            msg = (
+                f"no {_wire.H_EVENT} header, and listener {candidates[0].id!r} listens to several event types "
+                f"({types}): the message must say which"
+            )
+            raise _BadInput(DeadReason.UNKNOWN_EVENT, msg)
         for entry in candidates:
             if name is None:
                 # A producer that sent only the listener header: the listener's own (concrete) type.
