@@ -164,6 +164,39 @@ async def test_a_failed_publish_after_the_response_is_logged_and_reported(
     assert "message ids" in caplog.text
 
 
+async def test_a_publish_cancelled_after_the_response_is_logged_and_reported(
+    dispatcher: EventDispatcher, gated: GatedTransport, caplog: pytest.LogCaptureFixture
+):
+    """A server's shutdown timeout can cancel the post-response publish: the messages are named in the log and
+    passed to the callback (as a PublishError), and the cancellation still propagates.
+    """
+    failures: list[tuple[Exception, int]] = []
+    app = make_app(dispatcher, on_publish_error=lambda exc, messages: failures.append((exc, len(messages))))
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/comment/1", "headers": [], "query_string": b""}
+    with caplog.at_level(logging.ERROR, logger="queueable.asgi"):
+        request = asyncio.create_task(app(scope, receive, send))
+        await asyncio.wait_for(gated.started.wait(), 5)  # the response is out, the publish is waiting
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    assert any(m.get("type") == "http.response.body" for m in sent)
+    assert gated.batches == []
+    [(error, count)] = failures
+    assert isinstance(error, PublishError)
+    assert count == 2
+    assert len(error.message_ids) == 2
+    assert "may not have been published" in caplog.text
+    assert error.message_ids[0] in caplog.text
+
+
 async def post_a_bad_and_a_good_event(
     provider: ListenerProvider, gated: GatedTransport, on_publish_error: Callable[..., object]
 ) -> int:

@@ -302,6 +302,74 @@ async def test_a_scope_buffers_only_its_own_dispatcher(
     assert transport.batches == []
 
 
+async def test_an_outer_scope_still_buffers_its_dispatcher_inside_another_dispatchers_scope(
+    provider: ListenerProvider, dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """Inside ``other.deferred()`` nested in this dispatcher's scope (the middleware's, say), this dispatcher's
+    messages still wait for its own scope, and go with it when that block fails.
+    """
+    other = EventDispatcher(provider, RecordingTransport())
+    with pytest.raises(RuntimeError, match="request fails"):  # noqa: PT012 - raised inside the scopes under test
+        async with dispatcher.deferred():
+            async with other.deferred():
+                await dispatcher.dispatch(COMMENT)
+                assert transport.batches == []
+            msg = "request fails"
+            raise RuntimeError(msg)
+    assert transport.batches == []  # discarded with the failed block, not published from inside it
+
+
+async def test_a_task_that_outlives_its_scope_publishes_its_later_dispatches(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """A task copies the context, scope included. When it dispatches after the block ended, nobody will flush
+    that scope any more: the message is published at once (it used to go into the dead buffer and be lost).
+    """
+    release = asyncio.Event()
+
+    async def later() -> None:
+        await release.wait()
+        await dispatcher.dispatch(CommentPosted(post_id=8, author="bob", text="late"))
+
+    async with dispatcher.deferred():
+        await dispatcher.dispatch(COMMENT)
+        task = asyncio.create_task(later())
+    assert [m.body for m in transport.messages] == [COMMENT.model_dump_json().encode()]
+    release.set()
+    await task
+    assert len(transport.messages) == 2
+    assert b'"late"' in transport.messages[1].body
+
+
+async def test_a_validator_that_raises_at_the_flush_refuses_its_message_only(
+    dispatcher: EventDispatcher, transport: RecordingTransport
+):
+    """pydantic wraps only ValueError and AssertionError: a validator's KeyError at the flush used to abort
+    materialize() and lose every message of the scope. It refuses that message; the others are published.
+    """
+    from tests.fakes import CommentPosted as Model  # noqa: PLC0415
+
+    original = Model.__pydantic_validator__
+
+    class Exploding:
+        def validate_json(self, body: bytes) -> object:
+            if b'"boom"' in body:
+                raise KeyError("us")
+            return original.validate_json(body)
+
+    good = CommentPosted(post_id=1, author="ann", text="fine")
+    bad = CommentPosted(post_id=2, author="boom", text="x")
+    Model.__pydantic_validator__ = Exploding()  # type: ignore[assignment]
+    try:
+        with pytest.raises(SerializationError, match="KeyError"):  # noqa: PT012 - raised when the scope ends
+            async with dispatcher.deferred():
+                await dispatcher.dispatch(good)
+                await dispatcher.dispatch(bad)
+    finally:
+        Model.__pydantic_validator__ = original  # type: ignore[misc]
+    assert [m.body for m in transport.messages] == [good.model_dump_json().encode()]
+
+
 async def test_flush_publishes_early_and_keeps_buffering(
     dispatcher: EventDispatcher, transport: RecordingTransport
 ):

@@ -53,7 +53,7 @@ class _Scope:
     the response.
     """
 
-    __slots__ = ("built", "owner", "parent", "pending", "rejected")
+    __slots__ = ("built", "closed", "owner", "parent", "pending", "rejected")
 
     def __init__(self, owner: EventDispatcher | None, parent: _Scope | None) -> None:
         self.built: list[_wire.OutgoingMessage] = []
@@ -61,6 +61,7 @@ class _Scope:
         self.rejected: list[tuple[str, list[_wire.OutgoingMessage]]] = []
         self.owner = owner
         self.parent = parent
+        self.closed = False  # set when its block ends; a task that copied the context may still see it
 
     @property
     def messages(self) -> list[_wire.OutgoingMessage]:
@@ -93,6 +94,19 @@ class _Scope:
         return self.owner is None or self.owner is dispatcher
 
 
+def _buffer_for(scope: _Scope | None, dispatcher: EventDispatcher | None) -> _Scope | None:
+    """The innermost open scope from ``scope`` outwards that buffers ``dispatcher``'s messages (``None``:
+    publish now). Skips closed scopes, which a task keeps in its copy of the context after the block that opened
+    them ended (a buffer nobody flushes any more), and scopes of other dispatchers nested inside this one's.
+    ``dispatcher=None`` (a scope handing its messages over) takes only ownerless scopes.
+    """
+    while scope is not None:
+        if not scope.closed and (scope.owner is None or scope.owner is dispatcher):
+            return scope
+        scope = scope.parent
+    return None
+
+
 #: The innermost deferral scope of this context (a request, a task): concurrent requests never share one.
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("queueable_deferral", default=None)
 _scope_get = _scope.get
@@ -122,13 +136,14 @@ def close_scope(
     not in the list. The caller delivers the list, then raises or reports the error.
     """
     _scope.reset(token)
+    scope.closed = True
     if not keep:
         scope.pending = []
         scope.built = []
         scope.rejected = []
         return [], None
-    parent = scope.parent
-    if parent is not None and scope.owner is not None and parent.accepts(scope.owner):
+    parent = _buffer_for(scope.parent, scope.owner) if scope.owner is not None else None
+    if parent is not None:
         # Handed over as they are: unvalidated records stay unvalidated until the outermost flush, and the
         # order stays dispatch order (records built early, by reading ``messages``, go after the parent's).
         if scope.built:
@@ -195,6 +210,8 @@ def _rejection(cls: type[BaseModel], body: bytes) -> str | None:
         cls.__pydantic_validator__.validate_json(body)
     except ValidationError as exc:
         return _rejected_message(cls, exc)
+    except Exception as exc:  # a validator raising what pydantic does not wrap (KeyError, TypeError, ...)
+        return f"validating {cls.__qualname__}'s own JSON raised {type(exc).__name__}: {exc}"
     return None
 
 
@@ -325,7 +342,9 @@ class EventDispatcher:
         if all_queued:
             # Every listener is queued and the event cannot stop propagation: nothing runs here.
             scope = _scope_get()
-            if scope is not None and (scope.owner is self or scope.owner is None):
+            if scope is not None and (scope.closed or (scope.owner is not self and scope.owner is not None)):
+                scope = _buffer_for(scope.parent if not scope.closed else scope, self)
+            if scope is not None:
                 # Inline, as the hot path of a request: serialize (the snapshot) and buffer; validated at flush.
                 try:
                     body = cls.__pydantic_serializer__.to_json(event)  # type: ignore[attr-defined]
@@ -368,8 +387,8 @@ class EventDispatcher:
 
         Inside a deferral scope the built messages are buffered instead.
         """
-        scope = _scope_get()
-        if scope is not None and scope.accepts(self):
+        scope = _buffer_for(_scope_get(), self)
+        if scope is not None:
             body = _serialize_event(event)
             if scope.owner is not None and self.transport is None:
                 self._no_transport(event, listeners)
@@ -430,6 +449,7 @@ class Deferred(_Scope):
         self.rejected = []
         self.owner = self.dispatcher = dispatcher
         self.parent = None
+        self.closed = False
         self.discard_on_error = discard_on_error
         self._token: contextvars.Token[_Scope | None] | None = None
 

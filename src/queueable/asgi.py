@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from queueable._app import App
 from queueable._dispatcher import EventDispatcher, close_scope, open_scope
+from queueable.errors import PublishError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -124,6 +125,21 @@ class DeferredDispatchMiddleware:
                     ", ".join(m.message_id for m in messages),
                 )
                 self._report(exc, messages)
+            except BaseException as exc:  # cancelled (a server's shutdown timeout): say what may be lost, go on
+                log.error(  # noqa: TRY400 - a cancellation's traceback says nothing
+                    "publishing %d event message(s) after the response was cancelled (%s); they may not have been "
+                    "published; message ids: %s",
+                    len(messages),
+                    type(exc).__name__,
+                    ", ".join(m.message_id for m in messages),
+                )
+                cancelled = PublishError(
+                    f"cancelled ({type(exc).__name__}) before the broker confirmed: the messages may or may not "
+                    "have been published",
+                    message_ids=[m.message_id for m in messages],
+                )
+                self._report(cancelled, messages)
+                raise
         if rejected is not None:
             log.error("%s", rejected)
             self._report(rejected, rejected.messages)
