@@ -94,6 +94,75 @@ def test_a_timeout_raises_publish_error(events: SyncDispatcher, slow: SlowTransp
         events.dispatch(COMMENT, timeout=0.05)
 
 
+def test_a_listeners_own_timeout_error_is_not_reported_as_a_confirm_timeout(provider: ListenerProvider):
+    """On 3.11 concurrent.futures.TimeoutError is TimeoutError: a listener's own (its timeout=) became
+    PublishError('not confirmed ... may or may not have been published') although nothing was published.
+    """
+
+    async def slow_listener(event: CommentPosted) -> None:
+        await asyncio.sleep(1)
+
+    provider.add_listener(slow_listener, CommentPosted, timeout=0.05)
+    with SyncDispatcher(EventDispatcher(provider, RecordingTransport())) as events, pytest.raises(TimeoutError):
+        events.dispatch(COMMENT)
+
+
+def test_a_dispatch_that_close_gives_up_on_raises_publish_error(provider: ListenerProvider):
+    """close(timeout) cancels what is still waiting: the blocked caller gets PublishError, not a bare
+    concurrent.futures.CancelledError.
+    """
+    provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    events = SyncDispatcher(EventDispatcher(provider, SlowTransport(delay=5)))
+    errors: list[BaseException] = []
+
+    def dispatch() -> None:
+        try:
+            events.dispatch(COMMENT)
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=dispatch)
+    caller.start()
+    while not events._inflight:
+        threading.Event().wait(0.01)
+    events.close(timeout=0.1)
+    caller.join(5)
+    [error] = errors
+    assert isinstance(error, PublishError)
+    assert "cancelled by close()" in str(error)
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_dispatches(provider: ListenerProvider):
+    """The child inherits the parent's in-flight futures, which nothing in the child will ever complete: its
+    close() waited its whole timeout for them.
+    """
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
+    events = SyncDispatcher(EventDispatcher(provider, SlowTransport(delay=2)))
+    caller = threading.Thread(target=lambda: events.dispatch(COMMENT))
+    caller.start()
+    while not events._inflight:
+        time.sleep(0.01)
+    pid = os.fork()
+    if pid == 0:  # the child: one dispatch of its own, then close, within 1 s or exit 1
+        code = 1
+        try:
+            events.timeout = 5
+            events.target.transport.delay = 0  # type: ignore[union-attr]
+            events.dispatch(COMMENT)
+            started = time.monotonic()
+            events.close(timeout=3)
+            code = 0 if time.monotonic() - started < 1 else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    caller.join(5)
+    events.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_many_threads_dispatch_concurrently_on_one_loop(events: SyncDispatcher, slow: SlowTransport):
     """Dispatches from several threads all confirm, overlapping on the single background loop."""
     barrier = threading.Barrier(8)

@@ -131,9 +131,14 @@ class SyncDispatcher:
         limit = self.timeout if timeout is None else timeout
         try:
             return future.result(limit)
-        except concurrent.futures.TimeoutError as exc:
+        except TimeoutError as exc:  # concurrent.futures.TimeoutError is TimeoutError since 3.11
+            if future.done():  # not our wait's: the coroutine's own (a listener's timeout=), or it just finished
+                return future.result()
             future.cancel()
             msg = f"not confirmed within {limit} s: the message may or may not have been published"
+            raise PublishError(msg) from exc
+        except concurrent.futures.CancelledError as exc:  # close() gave up waiting for it
+            msg = "cancelled by close() before it was confirmed: the message may or may not have been published"
             raise PublishError(msg) from exc
         finally:
             with self._lock:
@@ -159,9 +164,11 @@ class SyncDispatcher:
         if self._closed:
             raise TransportClosedError("the SyncDispatcher is closed")
         if self._loop is not None and self._pid != os.getpid():
-            # A forked child inherited the object but not the thread: start afresh.
+            # A forked child inherited the object but not the thread: start afresh. The parent's dispatches in
+            # flight are not the child's: close() must not wait for futures nothing will complete here.
             self._loop = None
             self._thread = None
+            self._inflight = set()
         if self._loop is None:
             loop = asyncio.new_event_loop()
             started = threading.Event()
