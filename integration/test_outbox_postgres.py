@@ -153,6 +153,33 @@ async def test_three_relays_at_once_publish_every_row_exactly_once(
     assert count(engine, table) == 0
 
 
+async def test_a_batch_with_one_unroutable_row_publishes_the_others_once(
+    engine: sa.Engine, table: sa.Table, outbox: Outbox, app: App, world: World
+):
+    """The broker refuses one message of a batch: the confirmed ones are deleted, not sent again one by one
+    (every good row used to be published twice), and the refused row waits for its backoff.
+    """
+    from dataclasses import replace  # noqa: PLC0415
+
+    from queueable.outbox import to_row  # noqa: PLC0415
+
+    ids = await fill(engine, outbox, app, 3)
+    with engine.connect() as conn, conn.begin(), outbox.bind(conn) as scope:
+        await app.dispatch(Job(id="lost"))
+        [lost] = scope.messages
+    with engine.begin() as conn:  # the same message, bound for a queue nobody declared: unroutable
+        conn.execute(sa.delete(table).where(table.c.message_id == lost.message_id))
+        conn.execute(sa.insert(table), [to_row(replace(lost, queue=f"{world.queue}.nowhere"), 0.0)])
+    relay = Relay(engine, app.transport, table=table, batch_size=10, listen=False)
+
+    result = await relay.run_once()
+
+    assert (result.claimed, result.published, result.failed) == (4, 3, 1)
+    published = await drain_ids(world.url, world.queue, expected=3)
+    assert sorted(published) == sorted(ids)  # each once
+    assert count(engine, table) == 1
+
+
 async def test_rows_of_a_relay_that_died_after_claiming_are_published_after_the_lease(
     engine: sa.Engine, table: sa.Table, outbox: Outbox, app: App, world: World
 ):

@@ -302,17 +302,21 @@ class SlowPublish:
 
 
 class PickyTransport:
-    """Rejects messages for one post id, as a broker would reject an unroutable message."""
+    """Rejects messages for one post id, as a broker would reject an unroutable message: the others of the call
+    are published, and the error names the rejected ones (the Transport contract).
+    """
 
     def __init__(self, reject_post: int) -> None:
         self.reject_post = reject_post
         self.messages: list[OutgoingMessage] = []
+        self.calls = 0
 
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        self.calls += 1
         bad = [m for m in messages if CommentPosted.model_validate_json(m.body).post_id == self.reject_post]
+        self.messages.extend(m for m in messages if m not in bad)
         if bad:
             raise PublishError("unroutable", message_ids=[m.message_id for m in bad])
-        self.messages.extend(messages)
 
     async def close(self) -> None:
         pass
@@ -332,6 +336,8 @@ async def test_a_message_the_broker_rejects_waits_with_backoff_without_blocking_
     result = await relay.run_once()
 
     assert (result.claimed, result.published, result.failed) == (3, 2, 1)
+    assert len(picky.messages) == 2  # the two confirmed in the batch are not sent again one by one
+    assert picky.calls == 2  # the batch, then the refused message alone
     [left] = rows(engine)
     assert left["last_error"] == "PublishError: unroutable"
     assert left["available_at"] == clock.now + 10

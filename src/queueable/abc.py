@@ -46,6 +46,8 @@ class Transport(Protocol):
 
     ``publish`` returns only once *every* message is durably accepted (for RabbitMQ: confirmed by the broker);
     otherwise it raises :class:`queueable.errors.PublishError`. Several messages are published concurrently.
+    The error's ``message_ids`` name every message that may not have been accepted (possibly more, never
+    fewer): the others were, and a caller such as the outbox relay counts them as published.
     """
 
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:

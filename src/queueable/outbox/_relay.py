@@ -204,13 +204,25 @@ class Relay:
         try:
             await self.transport.publish(messages)
         except Exception as exc:
-            log.warning("publishing a batch of %d failed (%s); retrying one by one", len(messages), exc)
-            outcomes = await asyncio.gather(
-                *(self.transport.publish([message]) for message in messages), return_exceptions=True
+            # The error names what may not be published (Transport's contract): the others are, and must not be
+            # sent again. What it names is retried one by one, so that one bad message holds up no other.
+            named = set(exc.message_ids) if isinstance(exc, PublishError) else set()
+            published = [row["id"] for row in rows if named and row["message_id"] not in named]
+            kept = set(published)
+            retry = [(row, message) for row, message in zip(rows, messages, strict=True) if row["id"] not in kept]
+            log.warning(
+                "publishing a batch of %d failed (%s); %d confirmed, retrying %d one by one",
+                len(messages),
+                exc,
+                len(published),
+                len(retry),
             )
-            done = [row_id for row_id, out in zip(ids, outcomes, strict=True) if out is None]
+            outcomes = await asyncio.gather(
+                *(self.transport.publish([message]) for _, message in retry), return_exceptions=True
+            )
+            done = published + [row["id"] for (row, _), out in zip(retry, outcomes, strict=True) if out is None]
             failed = [
-                (row, out) for row, out in zip(rows, outcomes, strict=True) if isinstance(out, BaseException)
+                (row, out) for (row, _), out in zip(retry, outcomes, strict=True) if isinstance(out, BaseException)
             ]
             await asyncio.to_thread(self._delete, done)
             await asyncio.to_thread(self._release, failed)

@@ -137,7 +137,7 @@ class MemoryTransport:
         if unroutable:
             names = sorted({m.queue for m in unroutable})
             msg = f"unroutable: no queue named {', '.join(names)}"
-            raise PublishError(msg, message_ids=[m.message_id for m in unroutable])
+            raise PublishError(msg, message_ids=[m.message_id for m in messages])  # none was enqueued
         for message in messages:
             self.queues[message.queue].append(message)
         self._wake()

@@ -1067,6 +1067,7 @@ class RabbitMQTransport:
         errors: list[BaseException],
     ) -> None:
         pending: Sequence[OutgoingMessage] = messages
+        failed: list[tuple[OutgoingMessage, BaseException]] = []  # refused for good; the rest is retried first
         while True:
             underlay = self._underlay
             if underlay is None or underlay.is_closed or not self.is_connected:
@@ -1075,7 +1076,6 @@ class RabbitMQTransport:
                     continue
             results = await _publish_batch(underlay, exchange, routing_key, pending)
             again: list[OutgoingMessage] = []
-            failed: list[tuple[OutgoingMessage, BaseException]] = []
             for message, error in zip(pending, results, strict=True):
                 if error is None:
                     continue
@@ -1084,9 +1084,11 @@ class RabbitMQTransport:
                 else:
                     again.append(message)
                     errors[:] = [error]
-            if failed:
-                raise self._publish_error(failed, exchange, routing_key)
             if not again:
+                # The others are confirmed, so the error's message_ids are exactly the messages not published
+                # (an outbox relay deletes the rest).
+                if failed:
+                    raise self._publish_error(failed, exchange, routing_key)
                 return
             log.debug("%d publish(es) nacked or cut by a connection failure, retrying", len(again))
             pending = again
