@@ -713,6 +713,29 @@ async def test_purge_removes_only_what_matches_and_needs_yes(world: World) -> No
 # -- export / import -----------------------------------------------------------------------------------------
 
 
+async def test_an_import_with_a_letter_amqp_cannot_carry_publishes_nothing(
+    quorum_world: World, tmp_path: Path
+) -> None:
+    """A float header beyond float32's range (pamqp sends floats as float32) cannot be published: the import
+    is refused with one line before anything goes out, so running it again (fixed) duplicates nothing.
+    """
+    world = quorum_world
+    await world.kill([OrderPlaced(id="o1"), OrderPlaced(id="o2")], {"mail"})
+    exported = tmp_path / "letters.jsonl"
+    assert (await asyncio.to_thread(cli, world, "dead", "export", "-o", str(exported))).returncode == 0
+    good, second = exported.read_text().splitlines()
+    record = json.loads(second)
+    record["headers"]["huge"] = 1e300
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good + "\n" + json.dumps(record) + "\n")
+    refused = await asyncio.to_thread(cli, world, "dead", "import", str(bad))
+    assert refused.returncode == 1, refused.stderr
+    assert "letter 2" in refused.stderr
+    assert "cannot be sent over AMQP" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert await world.settled(world.dead, 2) == 2  # the two letters already there, nothing imported
+
+
 async def test_export_then_import_round_trips_byte_for_byte(quorum_world: World, tmp_path: Path) -> None:
     """Body, headers (every AMQP type, x-death included) and properties survive export, purge and import."""
     world = quorum_world
@@ -742,6 +765,8 @@ async def test_export_then_import_round_trips_byte_for_byte(quorum_world: World,
             type="custom.type",
             app_id="someapp",
             priority=3,
+            # 8,388,603 ms: aio-pika writes int(seconds * 1000), and 8388.603 * 1000 falls just short of it.
+            expiration=(8_388_603 + 0.5) / 1000,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         ),
         routing_key=world.dead,
@@ -788,6 +813,8 @@ async def test_export_then_import_round_trips_byte_for_byte(quorum_world: World,
     ]
     exotic = next(m for m in after if m.message_id == "exotic")
     assert exotic.headers["raw"] == b"\x00\xff"
+    assert exotic.properties["expiration"] == 8_388_603  # import wrote 8388602 before
+
     assert exotic.headers["table"] == {"$bytes": "not a tag"}
     assert exotic.properties["timestamp"] == 1_700_000_001
     assert exotic.properties["correlation_id"] == "corr-1"

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import socket
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -530,6 +531,28 @@ def _decode_value(value: Any) -> Any:  # noqa: PLR0911 - one branch per tag
     return {k: _decode_value(v) for k, v in value.items()}
 
 
+def _import_message(message: DeadMessage) -> aio_pika.Message:
+    """The AMQP message that puts ``message`` back as it was exported; ``ExportFormatError`` if it cannot be."""
+    import aio_pika  # noqa: PLC0415 - only the broker commands need it
+    from pamqp.header import ContentHeader  # noqa: PLC0415
+
+    props = dict(message.properties)
+    expiration = props.pop("expiration", None)
+    try:
+        amqp = aio_pika.Message(
+            body=message.body,
+            headers=_amqp_value(dict(message.headers)),
+            # aio-pika takes seconds and writes int(seconds * 1000): half a millisecond more keeps 1001 ms 1001.
+            expiration=(expiration + 0.5) / 1000 if isinstance(expiration, int) else None,
+            **props,
+        )
+        ContentHeader(0, len(message.body), amqp.properties).marshal()
+    except (TypeError, ValueError, OverflowError, struct.error) as exc:
+        msg = f"letter {message.position + 1} ({message.message_id}) cannot be sent over AMQP as exported: {exc}"
+        raise ExportFormatError(msg) from exc
+    return amqp
+
+
 def _amqp_value(value: Any) -> Any:
     """A header value as pamqp can encode it (it sends ``bytearray``, not ``bytes``, as a byte array)."""
     if isinstance(value, bytes):
@@ -901,25 +924,20 @@ class DeadLetterAdmin:
         They go through the default exchange straight to the named dead-letter queue, with the exact body,
         headers and properties they were exported with.
         """
-        import aio_pika  # noqa: PLC0415
 
+        # Every letter is made into an AMQP message, and its header frame encoded, before any is published: a
+        # value AMQP cannot carry (a float beyond float32's range, say) fails the import before it starts, not
+        # half-way through, which a second run would then duplicate.
+        prepared = [(message, _import_message(message)) for message in messages]
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         checked: set[str] = set()
         imported = 0
         try:
-            for message in messages:
+            for message, amqp in prepared:
                 target = dead_letter_queue_for(queue.removesuffix(DEAD_SUFFIX)) if queue else message.queue
                 if target not in checked:
                     await self._require_queue(target)
                     checked.add(target)
-                props = dict(message.properties)
-                expiration = props.pop("expiration", None)
-                amqp = aio_pika.Message(
-                    body=message.body,
-                    headers=_amqp_value(dict(message.headers)),
-                    expiration=expiration / 1000 if isinstance(expiration, int) else None,
-                    **props,
-                )
                 await channel.default_exchange.publish(
                     amqp, routing_key=target, mandatory=True, timeout=self.settings.publish_timeout
                 )
