@@ -1074,6 +1074,27 @@ async def test_admin_replay_stops_on_an_unroutable_queue(quorum_world: World) ->
     assert await world.ready(world.queue) == 0
 
 
+async def test_a_command_cancelled_while_reading_gives_the_letters_back_in_order(quorum_world: World) -> None:
+    """Ctrl-C while the snapshot is read: a basic.get cut off closed the channel, and the broker requeued every
+    held letter in its own order (a quorum queue's order lost, and a traceback). The read now finishes, every
+    letter goes back in order, and then the cancellation propagates.
+    """
+    world = quorum_world
+    ids = await world.kill([OrderPlaced(id=f"o{i}") for i in range(30)], {"mail"})  # peek keeps 30 in order
+    before = await world.peek(world.dead)
+    assert sorted(before) == sorted(ids)
+
+    async with world.admin() as admin:
+        browsing = asyncio.create_task(admin.browse())
+        while await world.ready(world.dead) > 25:  # some letters held, most still to read
+            await asyncio.sleep(0.001)
+        browsing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await browsing
+    assert await world.settled(world.dead, 30) == 30
+    assert await order_of(world, world.dead) == before
+
+
 async def test_letters_go_back_at_once_when_the_queue_does_not_show_them(
     quorum_world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

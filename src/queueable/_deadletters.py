@@ -51,7 +51,7 @@ from queueable._settings import mask_url
 from queueable.errors import ConfigurationError, PublishError, QueueableError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
     from typing import TextIO
 
     import aio_pika.abc
@@ -551,6 +551,19 @@ def _import_message(message: DeadMessage) -> aio_pika.Message:
         msg = f"letter {message.position + 1} ({message.message_id}) cannot be sent over AMQP as exported: {exc}"
         raise ExportFormatError(msg) from exc
     return amqp
+
+
+async def _to_the_end(step: Awaitable[None]) -> None:
+    """Await ``step`` to its end even if this task is cancelled meanwhile (Ctrl-C), then let the cancellation go
+    on: a return of letters cut off half-way would leave the rest to the broker's order (and a cancelled
+    channel call closes the channel).
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _amqp_value(value: Any) -> Any:
@@ -1059,8 +1072,19 @@ class DeadLetterAdmin:
                 )
             # Until empty; bounded, so that letters arriving as fast as they are read cannot keep it going.
             bound = 2 * (queue.declaration_result.message_count or 0) + 1000
+            cancelled: asyncio.CancelledError | None = None
             while snapshot.read < bound:
-                raw = await queue.get(no_ack=False, fail=False, timeout=self.settings.publish_timeout)
+                getting = asyncio.ensure_future(
+                    queue.get(no_ack=False, fail=False, timeout=self.settings.publish_timeout)
+                )
+                try:
+                    raw = await asyncio.shield(getting)
+                except asyncio.CancelledError as exc:
+                    # Ctrl-C mid-read. A basic.get cut off makes aiormq close the channel, and letters returned
+                    # while others still wait in a quorum queue rotate it: the order is only kept by reading to
+                    # the end and giving everything back (see _return_in_order). So the read goes on first.
+                    cancelled = exc
+                    raw = await getting
                 if raw is None:
                     break
                 message = _delivery_to_dead(dead_queue, snapshot.read, raw)
@@ -1069,9 +1093,11 @@ class DeadLetterAdmin:
                     kept.append(_Held(raw, message))
                 elif raw.delivery_tag is not None:
                     snapshot.unkept.append(raw.delivery_tag)
+            if cancelled is not None:
+                raise cancelled  # after the finally below has given every letter back, in order
             yield snapshot
         finally:
-            await self._return_unsettled(channel, snapshot)
+            await _to_the_end(self._return_unsettled(channel, snapshot))
 
     async def _return_unsettled(self, channel: aio_pika.abc.AbstractChannel, snapshot: _Snapshot) -> None:
         """Give back every unsettled message, in order (see :meth:`_return_in_order`), and close the channel.
