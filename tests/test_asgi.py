@@ -11,6 +11,8 @@ import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
@@ -70,11 +72,25 @@ def make_app(dispatcher: EventDispatcher, **options: object) -> Starlette:
         await dispatcher.dispatch(CommentPosted(post_id=1, author="ann", text="hi"))
         return PlainTextResponse("try later", status_code=503)
 
+    async def conflict(request: Request) -> PlainTextResponse:
+        await dispatcher.dispatch(CommentPosted(post_id=1, author="ann", text="hi"))
+        raise HTTPException(409, "already there")
+
+    async def failing_background() -> None:
+        msg = "background job bug"
+        raise RuntimeError(msg)
+
+    async def with_background(request: Request) -> PlainTextResponse:
+        await dispatcher.dispatch(CommentPosted(post_id=1, author="ann", text="hi"))
+        return PlainTextResponse("ok", background=BackgroundTask(failing_background))
+
     return Starlette(
         routes=[
             Route("/comment/{post_id}", comment, methods=["POST"]),
             Route("/crash", crash, methods=["POST"]),
             Route("/unavailable", unavailable, methods=["POST"]),
+            Route("/conflict", conflict, methods=["POST"]),
+            Route("/background", with_background, methods=["POST"]),
         ],
         middleware=[Middleware(DeferredDispatchMiddleware, dispatcher=dispatcher, **options)],
     )
@@ -134,6 +150,35 @@ async def test_a_server_error_response_discards_the_events(dispatcher: EventDisp
         response = await client.post("/unavailable")
     assert response.status_code == 503
     assert not gated.started.is_set()
+
+
+@pytest.mark.parametrize(("discard_status", "published"), [(500, 1), (400, 0)])
+async def test_an_http_exception_counts_as_the_response_it_becomes(
+    dispatcher: EventDispatcher, gated: GatedTransport, discard_status: int, published: int
+):
+    """Starlette turns HTTPException(409) into a 409 response: by default (discard_status=500) a 4xx keeps the
+    events; discard_status=400 discards them.
+    """
+    gated.gate.set()
+    transport = httpx.ASGITransport(make_app(dispatcher, discard_status=discard_status))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/conflict")
+    assert response.status_code == 409
+    assert len(gated.messages) == published
+
+
+async def test_a_background_task_that_fails_after_a_successful_response_keeps_the_events(
+    dispatcher: EventDispatcher, gated: GatedTransport
+):
+    """The client got its 200; a background task raising afterwards did not make the request fail, so its
+    events are published (they used to be discarded).
+    """
+    gated.gate.set()
+    transport = httpx.ASGITransport(make_app(dispatcher), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/background")
+    assert response.status_code == 200
+    assert len(gated.messages) == 1
 
 
 async def test_discard_on_error_false_publishes_even_after_a_crash(

@@ -98,7 +98,11 @@ class DeferredDispatchMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         except BaseException:
-            await self._publish(dispatcher, *close_scope(buffer, token, keep=not self.discard_on_error))
+            # After a complete, successful response the exception is a background task's (Starlette runs them
+            # after the last byte): the request itself succeeded, and its events stand.
+            succeeded = complete and status < self.discard_status
+            keep = succeeded or not self.discard_on_error
+            await self._publish(dispatcher, *close_scope(buffer, token, keep=keep))
             raise
         failed = not complete or status >= self.discard_status
         keep = not (failed and self.discard_on_error)
