@@ -303,3 +303,38 @@ def test_a_malformed_broker_url_is_a_configuration_error_that_hides_the_password
     with pytest.raises(ConfigurationError, match="malformed broker URL") as caught:
         Settings(url=url)
     assert "s3cr" not in str(caught.value)
+
+
+def test_threads_that_reach_a_new_app_at_once_share_one_transport_and_dispatcher(monkeypatch):
+    """A SyncDispatcher in a threaded server: the first requests make the app's transport and dispatcher at
+    the same moment. Exactly one of each is made (a second transport would be a connection nobody closes).
+    """
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    app = App(settings=Settings(url="amqp://guest:guest@127.0.0.1:1/"))
+    made: list[object] = []
+    real = app._make_transport
+
+    def slow_make() -> object:
+        time.sleep(0.05)  # widen the window in which a second thread would make its own
+        transport = real()
+        made.append(transport)
+        return transport
+
+    monkeypatch.setattr(app, "_make_transport", slow_make)
+    barrier = threading.Barrier(8)
+    seen: list[object] = []
+
+    def first_use() -> None:
+        barrier.wait()
+        seen.append(app.dispatcher)
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert len(made) == 1
+    assert len({id(dispatcher) for dispatcher in seen}) == 1
+    assert all(dispatcher.transport is made[0] for dispatcher in seen)

@@ -6,6 +6,7 @@ import importlib
 import logging
 import sys
 import sysconfig
+import threading
 import traceback
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -68,6 +69,9 @@ class App:
             self.container, default_queue=settings.default_queue, default_retry=default_retry
         )
         self._transport: Transport | None = None
+        # The transport and dispatcher are made on first use, which threads can reach at once (a SyncDispatcher
+        # serving a threaded server): one lock, so that no second transport (and connection) is made and lost.
+        self._making = threading.Lock()
         self._dispatcher: EventDispatcher | None = None
         self.provider.watch_queues(self._on_new_queue)
 
@@ -98,7 +102,9 @@ class App:
     def transport(self) -> Transport:
         """The transport for queued listeners, created from ``settings.url`` on first use."""
         if self._transport is None:
-            self._transport = self._make_transport()
+            with self._making:
+                if self._transport is None:
+                    self._transport = self._make_transport()
         return self._transport
 
     def use_transport(self, transport: Transport) -> None:
@@ -113,9 +119,14 @@ class App:
     @property
     def dispatcher(self) -> EventDispatcher:
         """The app's :class:`EventDispatcher`."""
-        if self._dispatcher is None:
-            self._dispatcher = EventDispatcher(self.provider, self.transport, container=self.container)
-        return self._dispatcher
+        dispatcher = self._dispatcher
+        if dispatcher is None:
+            transport = self.transport
+            with self._making:
+                if self._dispatcher is None:
+                    self._dispatcher = EventDispatcher(self.provider, transport, container=self.container)
+                dispatcher = self._dispatcher
+        return dispatcher
 
     async def dispatch(self, event: E, *, defer: bool = False) -> E:
         """Shortcut for ``app.dispatcher.dispatch(event, defer=defer)``."""
