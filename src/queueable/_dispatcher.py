@@ -343,7 +343,7 @@ class EventDispatcher:
             # Every listener is queued and the event cannot stop propagation: nothing runs here.
             scope = _scope_get()
             if scope is not None and (scope.closed or (scope.owner is not self and scope.owner is not None)):
-                scope = _buffer_for(scope.parent if not scope.closed else scope, self)
+                scope = _buffer_for(scope.parent, self)  # not this one: the nearest open one out from it
             if scope is not None:
                 # Inline, as the hot path of a request: serialize (the snapshot) and buffer; validated at flush.
                 try:
