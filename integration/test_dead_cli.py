@@ -733,6 +733,12 @@ async def test_an_import_with_a_letter_amqp_cannot_carry_publishes_nothing(
     assert "letter 2" in refused.stderr
     assert "cannot be sent over AMQP" in refused.stderr
     assert "Traceback" not in refused.stderr
+    # Headers over one frame (the broker's frame_max) would make it close the connection mid-import.
+    record["headers"] = {**json.loads(second)["headers"], "blob": "y" * 200_000}
+    bad.write_text(good + "\n" + json.dumps(record) + "\n")
+    too_big = await asyncio.to_thread(cli, world, "dead", "import", str(bad))
+    assert too_big.returncode == 1, too_big.stderr
+    assert "more than one frame holds" in too_big.stderr
     assert await world.settled(world.dead, 2) == 2  # the two letters already there, nothing imported
 
 

@@ -243,13 +243,14 @@ async def test_a_publish_cancelled_after_the_response_is_logged_and_reported(
 
 
 async def post_a_bad_and_a_good_event(
-    provider: ListenerProvider, gated: GatedTransport, on_publish_error: Callable[..., object]
+    provider: ListenerProvider, gated: RecordingTransport, on_publish_error: Callable[..., object]
 ) -> int:
     """One request dispatching an event its model rejects, then a good one; the response status."""
     provider.add_listener_service("mailer", "notify_author", CommentPosted, queue=True)
     provider.add_listener(lambda e: None, Broken, queue=True, id="broken")
     dispatcher = EventDispatcher(provider, gated)
-    gated.gate.set()
+    if isinstance(gated, GatedTransport):
+        gated.gate.set()
 
     async def handler(request: Request) -> JSONResponse:
         await dispatcher.dispatch(Broken(value=1))
@@ -265,6 +266,24 @@ async def post_a_bad_and_a_good_event(
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
         response = await client.post("/")
     return response.status_code
+
+
+async def test_a_cancelled_publish_still_reports_the_refused_messages(
+    provider: ListenerProvider, caplog: pytest.LogCaptureFixture
+):
+    """Cancelled while publishing the good messages, the middleware still reports the ones it refused."""
+
+    class Cancelling(RecordingTransport):
+        async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+            raise asyncio.CancelledError
+
+    reports: list[str] = []
+    with caplog.at_level(logging.ERROR, logger="queueable.asgi"), pytest.raises(asyncio.CancelledError):
+        await post_a_bad_and_a_good_event(
+            provider, Cancelling(), lambda exc, messages: reports.append(type(exc).__name__)
+        )
+    assert sorted(reports) == ["PublishError", "SerializationError"]
+    assert "Broken serialized to JSON that its own model rejects" in caplog.text
 
 
 async def test_an_event_its_model_rejects_is_refused_after_the_response_and_reported(

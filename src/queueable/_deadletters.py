@@ -33,6 +33,7 @@ import re
 import socket
 import struct
 import time
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -531,8 +532,10 @@ def _decode_value(value: Any) -> Any:  # noqa: PLR0911 - one branch per tag
     return {k: _decode_value(v) for k, v in value.items()}
 
 
-def _import_message(message: DeadMessage) -> aio_pika.Message:
-    """The AMQP message that puts ``message`` back as it was exported; ``ExportFormatError`` if it cannot be."""
+def _import_message(message: DeadMessage) -> tuple[aio_pika.Message, int]:
+    """The AMQP message that puts ``message`` back as it was exported, and the size of its header frame's
+    payload; ``ExportFormatError`` if it cannot be encoded.
+    """
     import aio_pika  # noqa: PLC0415 - only the broker commands need it
     from pamqp.header import ContentHeader  # noqa: PLC0415
 
@@ -546,11 +549,11 @@ def _import_message(message: DeadMessage) -> aio_pika.Message:
             expiration=(expiration + 0.5) / 1000 if isinstance(expiration, int) else None,
             **props,
         )
-        ContentHeader(0, len(message.body), amqp.properties).marshal()
+        header = ContentHeader(0, len(message.body), amqp.properties).marshal()
     except (TypeError, ValueError, OverflowError, struct.error) as exc:
         msg = f"letter {message.position + 1} ({message.message_id}) cannot be sent over AMQP as exported: {exc}"
         raise ExportFormatError(msg) from exc
-    return amqp
+    return amqp, len(header)
 
 
 async def _to_the_end(step: Awaitable[None]) -> None:
@@ -941,12 +944,22 @@ class DeadLetterAdmin:
         # Every letter is made into an AMQP message, and its header frame encoded, before any is published: a
         # value AMQP cannot carry (a float beyond float32's range, say) fails the import before it starts, not
         # half-way through, which a second run would then duplicate.
-        prepared = [(message, _import_message(message)) for message in messages]
+        prepared = [(message, *_import_message(message)) for message in messages]
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         checked: set[str] = set()
         imported = 0
         try:
-            for message, amqp in prepared:
+            # The broker closes the whole connection for a header frame over its frame_max: checked first too.
+            room = typing.cast("aiormq.Channel", await channel.get_underlay_channel()).max_content_size
+            for message, _, header_size in prepared:
+                if header_size > room:
+                    msg = (
+                        f"letter {message.position + 1} ({message.message_id}) cannot be sent over AMQP as "
+                        f"exported: its properties and headers take {header_size:,} bytes, more than one frame "
+                        f"holds ({room:,})"
+                    )
+                    raise ExportFormatError(msg)
+            for message, amqp, _ in prepared:
                 target = dead_letter_queue_for(queue.removesuffix(DEAD_SUFFIX)) if queue else message.queue
                 if target not in checked:
                     await self._require_queue(target)

@@ -116,7 +116,17 @@ class DeferredDispatchMiddleware:
         messages: list[OutgoingMessage],
         rejected: SerializationError | None,
     ) -> None:
-        """Publish ``messages``, then report the refused ones; nothing here raises (the response is gone)."""
+        """Publish ``messages``, then report the refused ones; nothing here raises (the response is gone), but a
+        cancellation, after its report.
+        """
+        try:
+            await self._publish_messages(dispatcher, messages)
+        finally:
+            if rejected is not None:
+                log.error("%s", rejected)
+                self._report(rejected, rejected.messages)
+
+    async def _publish_messages(self, dispatcher: EventDispatcher, messages: list[OutgoingMessage]) -> None:
         if messages:
             transport = dispatcher.transport
             assert transport is not None  # checked when the messages were buffered
@@ -144,9 +154,6 @@ class DeferredDispatchMiddleware:
                 )
                 self._report(cancelled, messages)
                 raise
-        if rejected is not None:
-            log.error("%s", rejected)
-            self._report(rejected, rejected.messages)
 
     def _report(self, exc: Exception, messages: Sequence[OutgoingMessage]) -> None:
         if self.on_publish_error is None:

@@ -132,7 +132,7 @@ class SyncDispatcher:
         try:
             return future.result(limit)
         except TimeoutError as exc:  # concurrent.futures.TimeoutError is TimeoutError since 3.11
-            if future.done():  # not our wait's: the coroutine's own (a listener's timeout=), or it just finished
+            if future.done() and not future.cancelled():  # the coroutine's own (a listener's timeout=), or done
                 return future.result()
             future.cancel()
             msg = f"not confirmed within {limit} s: the message may or may not have been published"
