@@ -739,6 +739,12 @@ async def test_an_import_with_a_letter_amqp_cannot_carry_publishes_nothing(
     too_big = await asyncio.to_thread(cli, world, "dead", "import", str(bad))
     assert too_big.returncode == 1, too_big.stderr
     assert "more than one frame holds" in too_big.stderr
+    # A letter for a dead-letter queue that does not exist: found before the first letter goes, too.
+    elsewhere = {**json.loads(second), "queue": "nosuch.queue.dead"}
+    bad.write_text(good + "\n" + json.dumps(elsewhere) + "\n")
+    nowhere = await asyncio.to_thread(cli, world, "dead", "import", str(bad))
+    assert nowhere.returncode == 4, nowhere.stderr
+    assert "nosuch.queue.dead" in nowhere.stderr
     assert await world.settled(world.dead, 2) == 2  # the two letters already there, nothing imported
 
 

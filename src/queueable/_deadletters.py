@@ -946,7 +946,6 @@ class DeadLetterAdmin:
         # half-way through, which a second run would then duplicate.
         prepared = [(message, *_import_message(message)) for message in messages]
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        checked: set[str] = set()
         imported = 0
         try:
             # The broker closes the whole connection for a header frame over its frame_max: checked first too.
@@ -959,11 +958,13 @@ class DeadLetterAdmin:
                         f"holds ({room:,})"
                     )
                     raise ExportFormatError(msg)
-            for message, amqp, _ in prepared:
-                target = dead_letter_queue_for(queue.removesuffix(DEAD_SUFFIX)) if queue else message.queue
-                if target not in checked:
-                    await self._require_queue(target)
-                    checked.add(target)
+            targets = [
+                dead_letter_queue_for(queue.removesuffix(DEAD_SUFFIX)) if queue else message.queue
+                for message, _, _ in prepared
+            ]
+            for target in dict.fromkeys(targets):  # every queue exists before the first letter goes
+                await self._require_queue(target)
+            for (message, amqp, _), target in zip(prepared, targets, strict=True):
                 await channel.default_exchange.publish(
                     amqp, routing_key=target, mandatory=True, timeout=self.settings.publish_timeout
                 )
