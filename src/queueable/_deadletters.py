@@ -551,9 +551,14 @@ def _import_message(message: DeadMessage) -> tuple[aio_pika.Message, int]:
         )
         header = ContentHeader(0, len(message.body), amqp.properties).marshal()
     except (TypeError, ValueError, OverflowError, struct.error) as exc:
-        msg = f"letter {message.position + 1} ({message.message_id}) cannot be sent over AMQP as exported: {exc}"
-        raise ExportFormatError(msg) from exc
+        raise _unsendable(message, str(exc)) from exc
     return amqp, len(header)
+
+
+def _unsendable(message: DeadMessage, why: str) -> ExportFormatError:
+    return ExportFormatError(
+        f"letter {message.position + 1} ({message.message_id}) cannot be sent over AMQP as exported: {why}"
+    )
 
 
 async def _to_the_end(step: Awaitable[None]) -> None:
@@ -952,12 +957,8 @@ class DeadLetterAdmin:
             room = typing.cast("aiormq.Channel", await channel.get_underlay_channel()).max_content_size
             for message, _, header_size in prepared:
                 if header_size > room:
-                    msg = (
-                        f"letter {message.position + 1} ({message.message_id}) cannot be sent over AMQP as "
-                        f"exported: its properties and headers take {header_size:,} bytes, more than one frame "
-                        f"holds ({room:,})"
-                    )
-                    raise ExportFormatError(msg)
+                    why = f"its properties and headers take {header_size:,} bytes, more than one frame holds"
+                    raise _unsendable(message, f"{why} ({room:,})")
             targets = [
                 dead_letter_queue_for(queue.removesuffix(DEAD_SUFFIX)) if queue else message.queue
                 for message, _, _ in prepared

@@ -177,18 +177,18 @@ class Relay:
         success must mean that the outbox holds nothing that was due).
         """
         total = failed = 0
-        last: list[str] = []
+        last: str | None = None
         while stop is None or not stop.is_set():
             result = await self.run_once()
             total += result.published
             failed += result.failed
             if result.error is not None:
-                last[:] = [result.error]
+                last = result.error
             if result.claimed == 0 or result.published == 0:
                 break
         if strict and failed:
             msg = (
-                f"{failed} outbox message(s) not published ({total} were): {last[0] if last else 'unknown'}; "
+                f"{failed} outbox message(s) not published ({total} were): {last or 'unknown'}; "
                 "they stay in the outbox and are retried after a backoff"
             )
             raise PublishError(msg)
