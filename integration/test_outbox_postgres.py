@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -286,3 +287,31 @@ async def test_a_session_that_binds_the_outbox_table_apart_writes_and_notifies(
     with Session(binds={table: engine}) as session, session.begin():
         await outbox.dispatch(session, Job(id="bound-apart"))
     assert count(engine, table) == 1
+
+
+async def test_savepoints_and_commits_inside_a_scope_on_postgres(
+    engine: sa.Engine, table: sa.Table, outbox: Outbox
+):
+    """Real SAVEPOINTs: an event dispatched in one that rolls back is not written, nor one in a savepoint released
+    inside another that rolls back; a commit inside the scope writes what came before it, and only that."""
+    app = outbox.dispatcher
+    async_engine = create_async_engine(PG_URL)
+    try:
+        async with AsyncSession(async_engine) as session, outbox.bind(session):
+            await app.dispatch(Job(id="kept-1"))
+            with contextlib.suppress(LookupError):
+                async with session.begin_nested():
+                    await app.dispatch(Job(id="savepoint-rolled-back"))
+                    raise LookupError
+            outer = await session.begin_nested()
+            async with session.begin_nested():
+                await app.dispatch(Job(id="released-then-rolled-back"))
+            await outer.rollback()
+            await session.commit()
+            await app.dispatch(Job(id="after-the-commit-never-committed"))
+    finally:
+        await async_engine.dispose()
+
+    with engine.connect() as conn:
+        bodies = [Job.model_validate_json(r.body).id for r in conn.execute(sa.select(table).order_by(table.c.id))]
+    assert bodies == ["kept-1"]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Self, TypeGuard, TypeVar, cast
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select
+from sqlalchemy.orm import Session as _Session
 
 from queueable._app import App
 from queueable._dispatcher import EventDispatcher, close_scope, open_scope
@@ -86,6 +89,10 @@ class Outbox:
 
         Use ``with`` for a sync ``Session``/``Connection`` and ``async with`` for either kind. On an exception
         the buffered messages are dropped (the transaction is about to roll back anyway).
+
+        While the scope is open it follows ``target``'s transaction: a SAVEPOINT (``begin_nested()``) or a
+        transaction that rolls back drops the messages dispatched inside it, and a ``commit()`` inside the scope
+        writes the messages dispatched before it into the transaction it commits.
         """
         return OutboxScope(self, target)
 
@@ -136,13 +143,14 @@ class Outbox:
 class OutboxScope:
     """What :meth:`Outbox.bind` returns: a sync and async context manager around one outbox scope."""
 
-    __slots__ = ("_scope", "_token", "outbox", "target")
+    __slots__ = ("_follower", "_scope", "_token", "outbox", "target")
 
     def __init__(self, outbox: Outbox, target: Target) -> None:
         self.outbox = outbox
         self.target = target
         self._scope: _Scope | None = None
         self._token: contextvars.Token[_Scope | None] | None = None
+        self._follower: _Follower | None = None
 
     @property
     def messages(self) -> list[OutgoingMessage]:
@@ -154,10 +162,18 @@ class OutboxScope:
             msg = "an outbox scope cannot be entered twice"
             raise RuntimeError(msg)
         self._scope, self._token = open_scope(None)
+        try:
+            self._follower = _follow(self.outbox, self._scope, self.target)
+        except BaseException:
+            close_scope(self._scope, self._token, keep=False)
+            raise
 
     def _close(self, exc: BaseException | None) -> list[OutgoingMessage]:
         assert self._scope is not None
         assert self._token is not None
+        if self._follower is not None:
+            _unfollow(self._follower)
+            self._follower = None
         messages, rejected = close_scope(self._scope, self._token, keep=exc is None)
         if rejected is not None:  # no rows at all: the exception rolls the transaction back with its data
             raise rejected
@@ -190,6 +206,181 @@ class OutboxScope:
         tb: TracebackType | None,
     ) -> None:
         await self.outbox.write_async(self.target, self._close(exc))
+
+
+#: A position in an outbox scope's buffer: (messages ever buffered, refused dispatches ever buffered), counting
+#: those already written (or raised), so a position taken before a write stays meaningful after it.
+_Mark = tuple[int, int]
+
+
+class _Follower:
+    """Keeps an open outbox scope's buffer in step with the transaction of the session or connection it binds.
+
+    Each SAVEPOINT that begins while the scope is open remembers the buffer's length. When one rolls back, the
+    messages buffered since it began are dropped (one that began before the scope drops them all): their rows
+    would otherwise be written after it, into the enclosing transaction. When the transaction rolls back, the
+    whole buffer is dropped. A commit of the transaction first writes what is buffered into it: the rows of a
+    commit inside the scope would otherwise land in the next transaction, which nobody may commit. (Releasing a
+    SAVEPOINT writes nothing: its messages stay buffered, so an enclosing SAVEPOINT that rolls back still drops
+    them.)
+
+    SQLAlchemy's events drive it (see :func:`_follow`). They run in the thread that drives the transaction,
+    while no dispatch is running in the scope (a ``SyncDispatcher`` caller is blocked in ``dispatch()`` until
+    its messages are buffered).
+    """
+
+    __slots__ = ("_marks", "_savepoints", "_taken", "outbox", "scope", "subject")
+
+    def __init__(self, outbox: Outbox, scope: _Scope, subject: Session | Connection) -> None:
+        self.outbox = outbox
+        self.scope = scope
+        self.subject = subject
+        self._taken: _Mark = (0, 0)
+        self._marks: dict[object, _Mark] = {}  # Session: savepoint -> mark at its start
+        self._savepoints: list[
+            _Mark
+        ] = []  # Connection: marks of the savepoints begun in the scope, innermost last
+
+    def mark(self) -> _Mark:
+        scope = self.scope
+        built = scope.materialize()
+        return self._taken[0] + len(built), self._taken[1] + len(scope.rejected)
+
+    def cut(self, mark: _Mark) -> None:
+        """Drop what was buffered after ``mark``."""
+        scope = self.scope
+        built = scope.materialize()
+        del built[max(0, mark[0] - self._taken[0]) :]
+        del scope.rejected[max(0, mark[1] - self._taken[1]) :]
+
+    def write(self) -> None:
+        """Write the buffer into the current transaction, or raise for the dispatches refused."""
+        scope = self.scope
+        refused = len(scope.rejected)
+        messages, rejected = scope.take()
+        if rejected is not None:
+            scope.built[:0] = messages  # kept for a commit after the error, should the caller retry
+            self._taken = (self._taken[0], self._taken[1] + refused)
+            raise rejected
+        self.outbox.write(self.subject, messages)
+        self._taken = (self._taken[0] + len(messages), self._taken[1])
+
+    # Session events (an AsyncSession's are its sync_session's).
+    def session_began(self, transaction: Any) -> None:
+        if transaction.nested:
+            self._marks[transaction] = self.mark()
+
+    def session_rolled_back(self, transaction: Any) -> None:
+        while transaction.parent is not None and not transaction.nested:  # a subtransaction: its boundary
+            transaction = transaction.parent
+        self.cut(self._marks.pop(transaction, self._taken) if transaction.nested else self._taken)
+
+    def session_commits(self, session: Session) -> None:
+        # Fired for a SAVEPOINT's release too, with it still current. (A Session whose outer transaction is
+        # committed directly while a SAVEPOINT is open fires it first with the SAVEPOINT current: those rows are
+        # written when the scope ends.)
+        if not session.in_nested_transaction():
+            self.write()
+
+    # Connection events (an AsyncConnection's are its sync_connection's).
+    def savepoint(self) -> None:
+        self._savepoints.append(self.mark())
+
+    def released(self) -> None:
+        if self._savepoints:
+            self._savepoints.pop()
+
+    def savepoint_rolled_back(self) -> None:
+        self.cut(self._savepoints.pop() if self._savepoints else self._taken)
+
+    def rolled_back(self) -> None:
+        self.cut(self._taken)
+        self._savepoints.clear()
+
+    def commits(self) -> None:
+        self.write()
+        self._savepoints.clear()
+
+
+#: The followers of the open scopes bound to each session or connection (the sync one of an async target).
+#: SQLAlchemy advises against adding and removing listeners per unit of work ("a configurational operation", not
+#: thread-safe against the event running): the listeners below are added once and look their followers up here.
+_followers: weakref.WeakKeyDictionary[Session | Connection, list[_Follower]] = weakref.WeakKeyDictionary()
+_listening_to_sessions = False
+_listening = threading.Lock()
+
+
+def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
+    """Start following ``target``'s transaction for ``scope``; :func:`_unfollow` when the scope ends."""
+    global _listening_to_sessions  # noqa: PLW0603 - the one-time registration of the class-wide listeners
+    subject = cast(
+        "Session | Connection | None", getattr(target, "sync_session", None) or _sync_connection(target)
+    )
+    if subject is None:
+        msg = "bind an AsyncConnection once it is started (`async with engine.connect() as conn`)"
+        raise TypeError(msg)
+    follower = _Follower(outbox, scope, subject)
+    followers = _followers.get(subject)
+    if followers is None:
+        followers = _followers[subject] = []
+        if isinstance(subject, _Session):
+            # Session-wide: a session event costs a dictionary lookup; sessions come and go per request.
+            with _listening:
+                if not _listening_to_sessions:
+                    event.listen(_Session, "after_transaction_create", _session_began)
+                    event.listen(_Session, "after_soft_rollback", _session_rolled_back)
+                    event.listen(_Session, "before_commit", _session_commits)
+                    _listening_to_sessions = True
+        else:
+            # On this connection only, once: connection events on every connection would slow down every
+            # statement the application runs (about 3 µs each, measured on SQLite).
+            for name, hook in _CONNECTION_HOOKS.items():
+                event.listen(subject, name, hook)
+    followers.append(follower)
+    return follower
+
+
+def _unfollow(follower: _Follower) -> None:
+    followers = _followers.get(follower.subject)
+    if followers is not None and follower in followers:
+        followers.remove(follower)
+
+
+def _sync_connection(target: Target) -> Any:
+    sync = getattr(target, "sync_connection", None)
+    return target if sync is None and not _is_async(target) else sync
+
+
+def _session_began(session: Session, transaction: Any) -> None:
+    for follower in _followers.get(session, ()):
+        follower.session_began(transaction)
+
+
+def _session_rolled_back(session: Session, transaction: Any) -> None:
+    for follower in _followers.get(session, ()):
+        follower.session_rolled_back(transaction)
+
+
+def _session_commits(session: Session) -> None:
+    for follower in _followers.get(session, ()):
+        follower.session_commits(session)
+
+
+def _on_connection(method: Callable[[_Follower], None]) -> Callable[..., None]:
+    def hook(conn: Connection, *_: object) -> None:
+        for follower in _followers.get(conn, ()):
+            method(follower)
+
+    return hook
+
+
+_CONNECTION_HOOKS = {
+    "savepoint": _on_connection(_Follower.savepoint),
+    "release_savepoint": _on_connection(_Follower.released),
+    "rollback_savepoint": _on_connection(_Follower.savepoint_rolled_back),
+    "rollback": _on_connection(_Follower.rolled_back),
+    "commit": _on_connection(_Follower.commits),
+}
 
 
 def _dialect_name(target: Target, table: Table) -> str:

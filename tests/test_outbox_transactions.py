@@ -1,0 +1,204 @@
+"""An outbox scope follows its transaction: savepoints that roll back drop their events, commits write theirs.
+
+``bind()`` buffers the messages of the events dispatched inside it and writes them when it ends. Without watching
+the transaction, an event dispatched inside a SAVEPOINT that rolled back was still written, and an event
+dispatched before a ``commit()`` inside the scope was written after it, into a transaction nobody committed.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from queueable import App, SerializationError
+from queueable.outbox import OUTBOX, Outbox
+from queueable.outbox._writer import _followers
+from queueable.sync import SyncDispatcher
+from tests.fakes import Broken, CommentPosted
+from tests.test_outbox_sqlite import fixture_db_url, fixture_engine, fixture_outbox, fixture_outbox_app  # noqa: F401
+
+if TYPE_CHECKING:
+    pass
+
+
+def comment(post_id: int) -> CommentPosted:
+    return CommentPosted(post_id=post_id, author="ann", text="hi")
+
+
+def stored(engine: sa.Engine) -> list[int]:
+    """The post ids of the events in the outbox table, in insertion order."""
+    with engine.connect() as conn:
+        bodies = conn.execute(sa.select(OUTBOX.c.body).order_by(OUTBOX.c.id)).scalars()
+        return [CommentPosted.model_validate_json(body).post_id for body in bodies]
+
+
+class BoomError(Exception):
+    pass
+
+
+async def test_a_rolled_back_savepoint_drops_the_events_dispatched_inside_it(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    with Session(engine) as session, session.begin():
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            with suppress(BoomError), session.begin_nested():
+                await outbox_app.dispatch(comment(2))
+                raise BoomError
+            await outbox_app.dispatch(comment(3))
+    assert stored(engine) == [1, 3]
+
+
+async def test_a_released_savepoint_keeps_its_events_until_an_enclosing_one_rolls_back(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    with Session(engine) as session, session.begin():
+        async with outbox.bind(session):
+            outer = session.begin_nested()
+            await outbox_app.dispatch(comment(1))
+            with session.begin_nested():
+                await outbox_app.dispatch(comment(2))
+            await outbox_app.dispatch(comment(3))
+            outer.rollback()
+            with session.begin_nested():
+                await outbox_app.dispatch(comment(4))
+    assert stored(engine) == [4]
+
+
+async def test_a_savepoint_opened_before_the_scope_drops_everything_the_scope_buffered_when_it_rolls_back(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    with Session(engine) as session, session.begin():
+        savepoint = session.begin_nested()
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            savepoint.rollback()
+            await outbox_app.dispatch(comment(2))
+    assert stored(engine) == [2]
+
+
+async def test_a_rollback_inside_the_scope_drops_what_was_dispatched_before_it(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    with Session(engine) as session:
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))  # before the transaction began: it still drops it
+            session.execute(sa.select(1))
+            session.rollback()
+            await outbox_app.dispatch(comment(2))
+        session.commit()
+    assert stored(engine) == [2]
+
+
+async def test_a_commit_inside_the_scope_writes_the_events_dispatched_before_it(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """Commit-as-you-go: the rows go into the transaction being committed, not into the next one."""
+    with Session(engine) as session:
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            session.commit()
+            assert stored(engine) == [1]
+            await outbox_app.dispatch(comment(2))  # in the next transaction, which is never committed
+    assert stored(engine) == [1]
+
+
+async def test_an_event_its_model_rejects_fails_the_commit_inside_the_scope(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """The commit raises, and a commit after the error still writes the messages that were accepted."""
+    outbox_app.add_listener(lambda e: None, Broken, queue=True, id="broken")
+    with Session(engine) as session:
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            await outbox_app.dispatch(Broken(value=1))
+            with pytest.raises(SerializationError, match="its own model rejects"):
+                session.commit()
+            assert stored(engine) == []
+            session.commit()
+    assert stored(engine) == [1]
+
+
+async def test_the_scope_stops_following_the_session_when_it_ends(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """Two scopes in a row on one session: each message is written once, and nothing follows it afterwards."""
+    with Session(engine) as session, session.begin():
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(2))
+        assert _followers[session] == []
+    with session.begin():
+        session.execute(sa.select(1))
+    assert stored(engine) == [1, 2]
+
+
+async def test_a_core_connection_follows_its_savepoints_and_commits(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    with engine.connect() as conn:
+        async with outbox.bind(conn):
+            await outbox_app.dispatch(comment(1))
+            with suppress(BoomError), conn.begin_nested():
+                await outbox_app.dispatch(comment(2))
+                raise BoomError
+            with conn.begin_nested():
+                await outbox_app.dispatch(comment(3))
+            conn.commit()
+            assert stored(engine) == [1, 3]
+            await outbox_app.dispatch(comment(4))
+            conn.execute(sa.select(1))  # a Connection's transaction begins with its first statement
+            conn.rollback()
+            await outbox_app.dispatch(comment(5))
+        conn.commit()
+    assert stored(engine) == [1, 3, 5]
+
+
+async def test_an_async_session_follows_its_savepoints_and_commits(
+    db_url: str, engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    async_engine = create_async_engine(db_url.replace("sqlite://", "sqlite+aiosqlite://"))
+    try:
+        async with AsyncSession(async_engine) as session, outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            with suppress(BoomError):
+                async with session.begin_nested():
+                    await outbox_app.dispatch(comment(2))
+                    raise BoomError
+            await session.commit()
+            await outbox_app.dispatch(comment(3))
+            await session.rollback()
+        async with async_engine.connect() as conn, outbox.bind(conn):
+            await outbox_app.dispatch(comment(4))
+            await conn.execute(sa.select(1))
+            await conn.commit()
+            await outbox_app.dispatch(comment(5))
+    finally:
+        await async_engine.dispose()
+    assert stored(engine) == [1, 4]
+
+
+def test_a_sync_dispatcher_follows_the_callers_savepoints(engine: sa.Engine, outbox_app: App):
+    outbox = Outbox()
+    with SyncDispatcher(outbox_app) as events, Session(engine) as session, session.begin(), outbox.bind(session):
+        events.dispatch(comment(1))
+        with suppress(BoomError), session.begin_nested():
+            events.dispatch(comment(2))
+            raise BoomError
+    assert stored(engine) == [1]
+
+
+async def test_an_async_connection_that_was_not_started_is_refused(db_url: str, outbox: Outbox):
+    async_engine = create_async_engine(db_url.replace("sqlite://", "sqlite+aiosqlite://"))
+    try:
+        with pytest.raises(TypeError, match="once it is started"):
+            async with outbox.bind(async_engine.connect()):
+                pass
+    finally:
+        await async_engine.dispose()
