@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -315,3 +316,21 @@ async def test_savepoints_and_commits_inside_a_scope_on_postgres(
     with engine.connect() as conn:
         bodies = [Job.model_validate_json(r.body).id for r in conn.execute(sa.select(table).order_by(table.c.id))]
     assert bodies == ["kept-1"]
+
+
+async def test_leases_and_availability_are_on_postgres_clock(
+    engine: sa.Engine, table: sa.Table, outbox: Outbox, app: App, monkeypatch: pytest.MonkeyPatch
+):
+    """A writer and a relay on a host whose clock runs an hour ahead: the row is available at once, and the
+    lease another relay holds still holds, because both are counted on PostgreSQL's clock."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    await fill(engine, outbox, app, 1)
+    with engine.connect() as conn:
+        [available_at] = conn.execute(sa.select(table.c.available_at)).scalars()
+    assert abs(available_at - real()) < 5
+
+    holder = Relay(engine, app.transport, table=table, lease=30, listen=False)
+    [row] = holder._claim()
+    assert abs(row["claimed_until"] - (real() + 30)) < 5
+    assert Relay(engine, app.transport, table=table, lease=30, listen=False)._claim() == []

@@ -582,3 +582,35 @@ async def test_a_session_bound_per_table_writes_the_outbox(engine: sa.Engine, ou
     with Session(binds={OUTBOX: engine}) as session, session.begin():
         await outbox.dispatch(session, COMMENT)
     assert len(rows(engine)) == 1
+
+
+def skew_this_host(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Make this host's clock (``time.time``) run ``seconds`` ahead; the database's clock is not affected."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + seconds)
+
+
+async def test_a_relay_on_a_host_whose_clock_runs_ahead_does_not_take_leased_rows(
+    engine: sa.Engine, outbox: Outbox, transport: TestTransport, monkeypatch: pytest.MonkeyPatch
+):
+    """Leases are counted on the database's clock: skew between the relays' hosts cannot make a lease expire."""
+    with Session(engine) as session, session.begin():
+        await outbox.dispatch(session, COMMENT)
+    holder = Relay(engine, transport, lease=30)
+    [row] = holder._claim()
+    assert abs(row["claimed_until"] - (time.time() + 30)) < 5
+
+    skew_this_host(monkeypatch, 3600)
+    assert Relay(engine, transport, lease=30)._claim() == []
+
+
+async def test_rows_written_on_a_host_whose_clock_runs_ahead_are_available_at_once(
+    engine: sa.Engine, outbox: Outbox, transport: TestTransport, monkeypatch: pytest.MonkeyPatch
+):
+    with monkeypatch.context() as patch:
+        skew_this_host(patch, 3600)
+        with Session(engine) as session, session.begin():
+            await outbox.dispatch(session, COMMENT)
+    [row] = rows(engine)
+    assert abs(row["available_at"] - time.time()) < 5  # type: ignore[operator]
+    assert (await Relay(engine, transport).run_once()).published == 1

@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import create_engine, delete, func, select, update
 
 from queueable.errors import PublishError
-from queueable.outbox._table import OUTBOX, from_row, notify_channel
+from queueable.outbox._table import OUTBOX, database_now, from_row, notify_channel
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from sqlalchemy import Connection, Engine, Table
+    from sqlalchemy import ColumnElement, Connection, Engine, Table
 
     from queueable.abc import Transport
 
@@ -80,7 +80,8 @@ class Relay:
 
     ``engine`` is a SQLAlchemy ``Engine`` (sync driver) or a URL. ``lease`` must comfortably exceed the time a
     batch takes to publish (the transport's publish timeout): a lease that expires mid-publish lets another
-    relay publish the same rows too.
+    relay publish the same rows too. Leases and backoff are counted on the database's clock (PostgreSQL,
+    SQLite; this host's clock on other databases), or on ``clock`` if given (tests).
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class Relay:
         retry_delay: float = 5.0,
         max_retry_delay: float = 300.0,
         relay_id: str | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         listen: bool = True,
     ) -> None:
         if batch_size < 1 or lease <= 0 or interval < 0:
@@ -113,6 +114,7 @@ class Relay:
         self.clock = clock
         self.listen = listen
         self._sqlite = self.engine.dialect.name == "sqlite"
+        self._database_now = database_now(self.engine.dialect.name)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -242,9 +244,16 @@ class Relay:
 
     # -- database (run in a worker thread) ---------------------------------------------------------
 
+    def _now(self) -> float | ColumnElement[float]:
+        """The time leases and backoff count from: ``clock()`` if given, else the database's own clock (one clock
+        for every relay, whatever their hosts' clocks say), else this host's."""
+        if self.clock is not None:
+            return self.clock()
+        return self._database_now if self._database_now is not None else time.time()
+
     def _claim(self) -> list[dict[str, Any]]:
         table = self.table
-        now = self.clock()
+        now = self._now()
         candidates = (
             select(table.c.id)
             .where(
@@ -286,7 +295,7 @@ class Relay:
         if not failed:
             return
         table = self.table
-        now = self.clock()
+        now = self._now()
         with self.engine.connect() as conn:
             self._begin_write(conn)
             for row, exc in failed:

@@ -16,6 +16,10 @@ last_error
 
 A row is deleted once the broker confirmed its message.
 
+Times are the database's clock (:func:`database_now`), not the hosts': relays on several hosts compare leases
+on one clock, so a host whose clock runs ahead cannot take rows another relay still holds, and a writer whose
+clock runs ahead does not hold its rows back.
+
 On PostgreSQL the writer also sends ``NOTIFY`` on :func:`notify_channel` in the same transaction, so the
 notification goes out at commit (and never for a rollback); relays ``LISTEN`` on it and claim at once instead
 of waiting for their next poll.
@@ -38,12 +42,18 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    cast,
+    extract,
+    func,
+    literal,
 )
 
 from queueable._wire import OutgoingMessage
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from sqlalchemy import ColumnElement
 
 __all__ = ["DEFAULT_TABLE_NAME", "OUTBOX", "from_row", "metadata", "outbox_table", "to_row"]
 
@@ -82,6 +92,19 @@ def outbox_table(
 
 
 OUTBOX = outbox_table(metadata)
+
+
+def database_now(dialect: str) -> ColumnElement[float] | None:
+    """The database's current time in epoch seconds, as SQL for ``dialect`` (``None``: no known expression).
+
+    PostgreSQL: the transaction's start (``now()``), which is the statement's for the relay's one-statement
+    transactions; SQLite: ``julianday('now')`` (millisecond resolution, fixed for one statement).
+    """
+    if dialect == "postgresql":
+        return cast(extract("epoch", func.now()), Double)
+    if dialect == "sqlite":
+        return (func.julianday("now") - literal(2440587.5)) * literal(86400.0)
+    return None
 
 
 def to_row(message: OutgoingMessage, available_at: float) -> dict[str, Any]:

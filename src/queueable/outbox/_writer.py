@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session as _Session
 
 from queueable._app import App
 from queueable._dispatcher import EventDispatcher, close_scope, open_scope
-from queueable.outbox._table import OUTBOX, notify_channel, to_row
+from queueable.outbox._table import OUTBOX, database_now, notify_channel, to_row
 
 if TYPE_CHECKING:
     import contextvars
@@ -68,7 +68,7 @@ class Outbox:
         dispatcher: App | EventDispatcher | None = None,
         *,
         table: Table = OUTBOX,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         notify: bool = True,
     ) -> None:
         self.target = dispatcher
@@ -102,8 +102,8 @@ class Outbox:
             return await self.dispatcher.dispatch(event, defer=defer)
 
     def rows(self, messages: Sequence[OutgoingMessage]) -> list[dict[str, Any]]:
-        """The rows for ``messages``, available now."""
-        now = self.clock()
+        """The rows for ``messages``, available now (``clock()``, or this host's clock)."""
+        now = self.clock() if self.clock is not None else time.time()
         return [to_row(message, now) for message in messages]
 
     def write(self, target: Session | Connection, messages: Sequence[OutgoingMessage]) -> None:
@@ -112,8 +112,9 @@ class Outbox:
         On PostgreSQL, also ``pg_notify`` the table's channel: delivered at commit, it wakes the relays.
         """
         if messages:
-            target.execute(insert(self.table), self.rows(messages))
-            if self.notify and _dialect_name(target, self.table) == "postgresql":
+            dialect = _dialect_name(target, self.table)
+            target.execute(*self._insert(dialect, messages))
+            if self.notify and dialect == "postgresql":
                 target.execute(self._notify, **self._bind_of(target))
 
     async def write_async(self, target: Target, messages: Sequence[OutgoingMessage]) -> None:
@@ -121,11 +122,22 @@ class Outbox:
         if not messages:
             return
         if _is_async(target):
-            await target.execute(insert(self.table), self.rows(messages))
-            if self.notify and _dialect_name(target, self.table) == "postgresql":
+            dialect = _dialect_name(target, self.table)
+            await target.execute(*self._insert(dialect, messages))
+            if self.notify and dialect == "postgresql":
                 await target.execute(self._notify, **self._bind_of(target))
         else:
             self.write(cast("Session | Connection", target), messages)
+
+    def _insert(self, dialect: str, messages: Sequence[OutgoingMessage]) -> tuple[Any, list[dict[str, Any]]]:
+        """The INSERT and its rows; ``available_at`` is the database's clock, as the relays' (unless ``clock``)."""
+        rows = self.rows(messages)
+        now = database_now(dialect) if self.clock is None else None
+        if now is None:
+            return insert(self.table), rows
+        for row in rows:
+            del row["available_at"]
+        return insert(self.table).values(available_at=now), rows
 
     def _bind_of(self, target: Target) -> dict[str, Any]:
         # SELECT pg_notify(...) names no table: a session that binds tables apart must be told which bind.
