@@ -51,7 +51,8 @@ class Outbox:
     block ends, hence in its transaction. ``queueable relay APP`` publishes the rows afterwards. Nothing talks
     to the broker here.
 
-    On PostgreSQL each write also runs ``pg_notify`` on the table's channel, so relays wake at the commit.
+    A row's ``available_at`` is the database's clock, as the relays' leases are (``clock=`` overrides it, for
+    tests). On PostgreSQL each write also runs ``pg_notify`` on the table's channel, so relays wake at the commit.
     PostgreSQL serializes the commits of notifying transactions; under a very high rate of outbox writes,
     ``notify=False`` trades that for the relays' polling delay.
 
