@@ -7,23 +7,21 @@ dispatched before a ``commit()`` inside the scope was written after it, into a t
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import suppress
-from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy import event, orm
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from queueable import App, SerializationError
-from queueable.outbox import OUTBOX, Outbox
+from queueable.outbox import OUTBOX, Outbox, outbox_table
 from queueable.outbox._writer import _followers
 from queueable.sync import SyncDispatcher
 from tests.fakes import Broken, CommentPosted
 from tests.test_outbox_sqlite import fixture_db_url, fixture_engine, fixture_outbox, fixture_outbox_app  # noqa: F401
-
-if TYPE_CHECKING:
-    pass
 
 
 def comment(post_id: int) -> CommentPosted:
@@ -82,14 +80,16 @@ async def test_a_savepoint_opened_before_the_scope_drops_everything_the_scope_bu
     assert stored(engine) == [2]
 
 
+@pytest.mark.parametrize("ending", ["rollback", "close"])
 async def test_a_rollback_inside_the_scope_drops_what_was_dispatched_before_it(
-    engine: sa.Engine, outbox_app: App, outbox: Outbox
+    engine: sa.Engine, outbox_app: App, outbox: Outbox, ending: str
 ):
+    """``close()`` ends the transaction without a commit: a rollback too."""
     with Session(engine) as session:
         async with outbox.bind(session):
             await outbox_app.dispatch(comment(1))  # before the transaction began: it still drops it
             session.execute(sa.select(1))
-            session.rollback()
+            getattr(session, ending)()
             await outbox_app.dispatch(comment(2))
         session.commit()
     assert stored(engine) == [2]
@@ -202,3 +202,157 @@ async def test_an_async_connection_that_was_not_started_is_refused(db_url: str, 
                 pass
     finally:
         await async_engine.dispose()
+
+
+# Found by review: a failed flush inside a savepoint, a commit with a savepoint still open, close(), deferred()
+# blocks inside bind(), scoped sessions, flush hooks that dispatch, a failed write, two-phase connections.
+
+unique = sa.Table("unique_names", sa.MetaData(), sa.Column("name", sa.Text, primary_key=True))
+
+
+class Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+orm.registry().map_imperatively(Named, unique)
+
+
+async def test_a_failed_statement_inside_a_savepoint_drops_only_that_savepoints_events(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """Insert-or-skip: SQLAlchemy reports the savepoint's rollback twice (the failed flush, then the block)."""
+    unique.create(engine)
+    with Session(engine) as session, session.begin():
+        session.execute(unique.insert().values(name="a"))
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            with suppress(sa.exc.IntegrityError), session.begin_nested():
+                await outbox_app.dispatch(comment(2))
+                session.execute(unique.insert().values(name="a"))
+            await outbox_app.dispatch(comment(3))
+    assert stored(engine) == [1, 3]
+
+
+async def test_a_failed_flush_inside_a_savepoint_drops_only_that_savepoints_events(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """The ORM form: the flush at the savepoint's release fails and rolls it back, then the block does again."""
+    unique.create(engine)
+    with Session(engine) as session, session.begin():
+        session.add(Named("a"))
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            with suppress(sa.exc.IntegrityError), session.begin_nested():
+                await outbox_app.dispatch(comment(2))
+                session.add(Named("a"))
+            await outbox_app.dispatch(comment(3))
+    assert stored(engine) == [1, 3]
+
+
+async def test_committing_the_transaction_with_a_savepoint_still_open_writes_everything(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    with Session(engine) as session:
+        async with outbox.bind(session):
+            with session.begin():
+                await outbox_app.dispatch(comment(1))
+                session.begin_nested()
+                await outbox_app.dispatch(comment(2))
+            # the block's commit released the savepoint with the transaction
+            assert stored(engine) == [1, 2]
+    assert stored(engine) == [1, 2]
+
+
+async def test_a_deferred_block_inside_the_scope_follows_the_transaction_too(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    with Session(engine) as session:
+        async with outbox.bind(session):
+            async with outbox_app.dispatcher.deferred():
+                await outbox_app.dispatch(comment(1))
+                with suppress(BoomError), session.begin_nested():
+                    await outbox_app.dispatch(comment(2))
+                    raise BoomError
+                session.commit()
+                assert stored(engine) == [1]
+                await outbox_app.dispatch(comment(3))
+            session.commit()
+    assert stored(engine) == [1, 3]
+
+
+async def test_a_scoped_session_is_bound_as_the_session_it_stands_for(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """Flask-SQLAlchemy's ``db.session`` is a scoped_session."""
+    db = scoped_session(sessionmaker(engine))
+    try:
+        async with outbox.bind(db):
+            await outbox_app.dispatch(comment(1))
+            with suppress(BoomError), db.begin_nested():
+                await outbox_app.dispatch(comment(2))
+                raise BoomError
+        db.commit()
+    finally:
+        db.remove()
+    assert stored(engine) == [1]
+
+
+async def test_an_async_scoped_session_is_bound_as_the_session_it_stands_for(
+    db_url: str, engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    async_engine = create_async_engine(db_url.replace("sqlite://", "sqlite+aiosqlite://"))
+    db = async_scoped_session(async_sessionmaker(async_engine), scopefunc=asyncio.current_task)
+    try:
+        async with outbox.bind(db):
+            await outbox_app.dispatch(comment(1))
+        await db.commit()
+        await db.remove()
+    finally:
+        await async_engine.dispose()
+    assert stored(engine) == [1]
+
+
+def test_binding_something_else_is_a_type_error(outbox: Outbox):
+    with pytest.raises(TypeError, match="takes a Session, Connection"):
+        outbox.bind("postgresql://app@db/app")  # type: ignore[arg-type]
+
+
+def test_events_that_flush_hooks_dispatch_during_the_commit_are_committed_with_it(
+    engine: sa.Engine, outbox_app: App
+):
+    """Domain events collected in ``before_flush``: the commit flushes before it writes the outbox rows."""
+    outbox = Outbox()
+    with SyncDispatcher(outbox_app) as events, Session(engine) as session:
+
+        @event.listens_for(session, "before_flush")
+        def collect(session: Session, *_: object) -> None:
+            for _row in session.new:
+                events.dispatch(comment(5))
+
+        unique.create(engine)
+        with outbox.bind(session):
+            session.add(Named(name="x"))
+            session.commit()
+    assert stored(engine) == [5]
+
+
+async def test_a_write_that_fails_at_the_commit_keeps_the_messages_for_the_next_commit(
+    engine: sa.Engine, outbox_app: App
+):
+    table = outbox_table(sa.MetaData(), name="created_later")
+    outbox = Outbox(outbox_app, table=table)
+    with Session(engine) as session:
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            with pytest.raises(sa.exc.OperationalError, match="no such table"):
+                session.commit()
+            table.create(engine)
+            session.commit()
+    with engine.connect() as conn:
+        assert len(conn.execute(sa.select(table)).all()) == 1
+
+
+def test_a_two_phase_transaction_on_a_connection_is_refused(engine: sa.Engine, outbox: Outbox):
+    with engine.connect() as conn, outbox.bind(conn), pytest.raises(TypeError, match="two-phase"):
+        conn.begin_twophase()

@@ -8,11 +8,15 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Self, TypeGuard, TypeVar, cast
 
-from sqlalchemy import event, func, insert, select
+from sqlalchemy import Connection, event, func, insert, select
+from sqlalchemy.engine.base import TwoPhaseTransaction
 from sqlalchemy.orm import Session as _Session
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm.state_changes import _StateChangeStates
 
 from queueable._app import App
 from queueable._dispatcher import EventDispatcher, close_scope, open_scope
+from queueable._dispatcher import _scope as _deferral_scope
 from queueable.outbox._table import OUTBOX, database_now, notify_channel, to_row
 
 if TYPE_CHECKING:
@@ -20,9 +24,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from types import TracebackType
 
-    from sqlalchemy import Connection, Table
+    from sqlalchemy import Table
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import Session, SessionTransaction
 
     from queueable._dispatcher import _Scope
     from queueable._wire import OutgoingMessage
@@ -160,7 +164,7 @@ class OutboxScope:
 
     def __init__(self, outbox: Outbox, target: Target) -> None:
         self.outbox = outbox
-        self.target = target
+        self.target = _resolve(target)
         self._scope: _Scope | None = None
         self._token: contextvars.Token[_Scope | None] | None = None
         self._follower: _Follower | None = None
@@ -229,90 +233,153 @@ _Mark = tuple[int, int]
 class _Follower:
     """Keeps an open outbox scope's buffer in step with the transaction of the session or connection it binds.
 
-    Each SAVEPOINT that begins while the scope is open remembers the buffer's length. When one rolls back, the
-    messages buffered since it began are dropped (one that began before the scope drops them all): their rows
-    would otherwise be written after it, into the enclosing transaction. When the transaction rolls back, the
-    whole buffer is dropped. A commit of the transaction first writes what is buffered into it: the rows of a
-    commit inside the scope would otherwise land in the next transaction, which nobody may commit. (Releasing a
-    SAVEPOINT writes nothing: its messages stay buffered, so an enclosing SAVEPOINT that rolls back still drops
-    them.)
+    - Each SAVEPOINT that begins while the scope is open remembers the buffer's length. When it rolls back, the
+      messages buffered since it began are dropped (one that began before the scope drops them all): their rows
+      would otherwise be written after it, into the enclosing transaction. Releasing one writes nothing: its
+      messages stay buffered, so an enclosing SAVEPOINT that rolls back still drops them.
+    - When the transaction rolls back, or ends without a commit (``Session.close()``), the buffer is dropped.
+    - A commit of the transaction first writes what is buffered into it (a Session flushes first, so events
+      that flush hooks dispatch are in it): the rows of a commit inside the scope would otherwise land in the
+      next transaction, which nobody may commit.
+    - A ``deferred()`` block still open inside the scope hands its messages over at each of these moments, not
+      only when it ends, since they were dispatched in the transaction as it was then.
 
     SQLAlchemy's events drive it (see :func:`_follow`). They run in the thread that drives the transaction,
     while no dispatch is running in the scope (a ``SyncDispatcher`` caller is blocked in ``dispatch()`` until
     its messages are buffered).
     """
 
-    __slots__ = ("_marks", "_savepoints", "_taken", "outbox", "scope", "subject")
+    __slots__ = ("_committed", "_marks", "_savepoints", "_taken", "outbox", "scope", "subject")
 
     def __init__(self, outbox: Outbox, scope: _Scope, subject: Session | Connection) -> None:
         self.outbox = outbox
         self.scope = scope
         self.subject = subject
         self._taken: _Mark = (0, 0)
-        self._marks: dict[object, _Mark] = {}  # Session: savepoint -> mark at its start
+        # Session: savepoint -> mark at its start. Weak: a savepoint's rollback is reported after its end, and
+        # again after a failed flush inside it, so the mark stays as long as SQLAlchemy holds the savepoint.
+        self._marks: weakref.WeakKeyDictionary[SessionTransaction, _Mark] = weakref.WeakKeyDictionary()
         self._savepoints: list[
             _Mark
         ] = []  # Connection: marks of the savepoints begun in the scope, innermost last
+        self._committed = False  # Session: the transaction that is ending committed
+
+    def absorb(self) -> None:
+        """Take over the buffers of the deferral scopes open inside this one in the current context."""
+        chain = []
+        scope = _current_scope()
+        while scope is not None and scope is not self.scope:
+            chain.append(scope)
+            scope = scope.parent
+        if scope is None:  # this context is not inside the outbox scope
+            return
+        own = self.scope
+        for inner in reversed(chain):  # outermost first: its messages were dispatched before the inner ones'
+            if inner.closed:
+                continue
+            own.materialize().extend(inner.materialize())
+            own.rejected.extend(inner.rejected)
+            inner.built, inner.rejected = [], []
 
     def mark(self) -> _Mark:
+        self.absorb()
         scope = self.scope
         built = scope.materialize()
         return self._taken[0] + len(built), self._taken[1] + len(scope.rejected)
 
     def cut(self, mark: _Mark) -> None:
         """Drop what was buffered after ``mark``."""
+        self.absorb()
         scope = self.scope
         built = scope.materialize()
         del built[max(0, mark[0] - self._taken[0]) :]
         del scope.rejected[max(0, mark[1] - self._taken[1]) :]
 
+    def cut_all(self) -> None:
+        self.cut(self._taken)
+
     def write(self) -> None:
-        """Write the buffer into the current transaction, or raise for the dispatches refused."""
+        """Write the buffer into the current transaction, or raise for the dispatches refused.
+
+        If the write fails, the messages stay buffered, for a commit after the error.
+        """
+        self.absorb()
         scope = self.scope
         refused = len(scope.rejected)
         messages, rejected = scope.take()
         if rejected is not None:
-            scope.built[:0] = messages  # kept for a commit after the error, should the caller retry
+            scope.built[:0] = messages
             self._taken = (self._taken[0], self._taken[1] + refused)
             raise rejected
-        self.outbox.write(self.subject, messages)
+        try:
+            self.outbox.write(self.subject, messages)
+        except BaseException:
+            scope.built[:0] = messages
+            raise
         self._taken = (self._taken[0] + len(messages), self._taken[1])
 
     # Session events (an AsyncSession's are its sync_session's).
-    def session_began(self, transaction: Any) -> None:
+    def session_began(self, transaction: SessionTransaction) -> None:
         if transaction.nested:
             self._marks[transaction] = self.mark()
+        elif transaction.parent is None:
+            self._committed = False
 
-    def session_rolled_back(self, transaction: Any) -> None:
-        while transaction.parent is not None and not transaction.nested:  # a subtransaction: its boundary
-            transaction = transaction.parent
-        self.cut(self._marks.pop(transaction, self._taken) if transaction.nested else self._taken)
+    def session_rolled_back(self, transaction: SessionTransaction) -> None:
+        # A failed flush rolls back its subtransaction, whose boundary (the enclosing SAVEPOINT or the
+        # transaction) is rolled back with it; the boundary's own rollback may follow: cutting is idempotent.
+        boundary: SessionTransaction | None = transaction
+        while boundary is not None and boundary.parent is not None and not boundary.nested:
+            boundary = boundary.parent
+        if boundary is not None and boundary.nested:
+            self.cut(self._marks.get(boundary, self._taken))
+        else:
+            self.cut_all()
 
-    def session_commits(self, session: Session) -> None:
-        # Fired for a SAVEPOINT's release too, with it still current. (A Session whose outer transaction is
-        # committed directly while a SAVEPOINT is open fires it first with the SAVEPOINT current: those rows are
-        # written when the scope ends.)
-        if not session.in_nested_transaction():
-            self.write()
+    def session_commits(self) -> None:
+        # Fired for a SAVEPOINT's release too, with it still current: write only for the transaction's commit,
+        # which may come while a SAVEPOINT is still open (its commit releases them) - then the transaction is
+        # the one changing state. The rows go into the innermost SAVEPOINT, released by the same commit.
+        session = cast("Session", self.subject)
+        root = session.get_transaction()
+        if root is None:
+            return
+        if session.in_nested_transaction() and getattr(root, "_next_state", None) is not _CHANGE_IN_PROGRESS:
+            return
+        session.flush()  # events dispatched by flush hooks belong to this transaction too
+        self.write()
+
+    def session_committed(self) -> None:
+        if not cast("Session", self.subject).in_nested_transaction():
+            self._committed = True
+
+    def session_ended(self, transaction: SessionTransaction) -> None:
+        if transaction.parent is None and not transaction.nested:
+            if not self._committed:  # closed (Session.close(), reset()) without a commit: rolled back
+                self.cut_all()
+            self._committed = False
 
     # Connection events (an AsyncConnection's are its sync_connection's).
-    def savepoint(self) -> None:
+    def savepoint(self, *_: object) -> None:
         self._savepoints.append(self.mark())
 
-    def released(self) -> None:
+    def released(self, *_: object) -> None:
         if self._savepoints:
             self._savepoints.pop()
 
-    def savepoint_rolled_back(self) -> None:
+    def savepoint_rolled_back(self, *_: object) -> None:
         self.cut(self._savepoints.pop() if self._savepoints else self._taken)
 
     def rolled_back(self) -> None:
-        self.cut(self._taken)
+        self.cut_all()
         self._savepoints.clear()
 
     def commits(self) -> None:
         self.write()
         self._savepoints.clear()
+
+    def begins_two_phase(self, *_: object) -> None:
+        _refuse_two_phase()
 
 
 #: The followers of the open scopes bound to each session or connection (the sync one of an async target).
@@ -326,12 +393,9 @@ _listening = threading.Lock()
 def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
     """Start following ``target``'s transaction for ``scope``; :func:`_unfollow` when the scope ends."""
     global _listening_to_sessions  # noqa: PLW0603 - the one-time registration of the class-wide listeners
-    subject = cast(
-        "Session | Connection | None", getattr(target, "sync_session", None) or _sync_connection(target)
-    )
-    if subject is None:
-        msg = "bind an AsyncConnection once it is started (`async with engine.connect() as conn`)"
-        raise TypeError(msg)
+    subject = _sync_subject(target)
+    if isinstance(subject, Connection) and isinstance(subject.get_transaction(), TwoPhaseTransaction):
+        _refuse_two_phase()
     follower = _Follower(outbox, scope, subject)
     followers = _followers.get(subject)
     if followers is None:
@@ -340,9 +404,8 @@ def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
             # Session-wide: a session event costs a dictionary lookup; sessions come and go per request.
             with _listening:
                 if not _listening_to_sessions:
-                    event.listen(_Session, "after_transaction_create", _session_began)
-                    event.listen(_Session, "after_soft_rollback", _session_rolled_back)
-                    event.listen(_Session, "before_commit", _session_commits)
+                    for name, hook in _SESSION_HOOKS.items():
+                        event.listen(_Session, name, hook)
                     _listening_to_sessions = True
         else:
             # On this connection only, once: connection events on every connection would slow down every
@@ -353,47 +416,73 @@ def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
     return follower
 
 
+def _refuse_two_phase() -> None:
+    msg = "an outbox scope cannot follow a two-phase transaction on a Connection"
+    raise TypeError(msg)
+
+
 def _unfollow(follower: _Follower) -> None:
     followers = _followers.get(follower.subject)
     if followers is not None and follower in followers:
         followers.remove(follower)
 
 
-def _sync_connection(target: Target) -> Any:
-    sync = getattr(target, "sync_connection", None)
-    return target if sync is None and not _is_async(target) else sync
+def _resolve(target: Target) -> Target:
+    """``target`` itself, or the session a ``scoped_session`` (Flask-SQLAlchemy's ``db.session``) stands for."""
+    if isinstance(target, scoped_session):
+        return cast("Session", target())
+    asyncio_module = sys.modules.get("sqlalchemy.ext.asyncio")
+    if asyncio_module is not None and isinstance(target, asyncio_module.async_scoped_session):
+        return cast("AsyncSession", target())
+    if isinstance(target, _Session | Connection) or _is_async(target):
+        return target
+    msg = (
+        f"outbox.bind() takes a Session, Connection, AsyncSession, AsyncConnection or scoped session, "
+        f"not {type(target).__name__}"
+    )
+    raise TypeError(msg)
 
 
-def _session_began(session: Session, transaction: Any) -> None:
-    for follower in _followers.get(session, ()):
-        follower.session_began(transaction)
+def _sync_subject(target: Target) -> Session | Connection:
+    if isinstance(target, _Session | Connection):
+        return target
+    subject = getattr(target, "sync_session", None) or getattr(target, "sync_connection", None)
+    if subject is None:
+        msg = "bind an AsyncConnection once it is started (`async with engine.connect() as conn`)"
+        raise TypeError(msg)
+    return cast("Session | Connection", subject)
 
 
-def _session_rolled_back(session: Session, transaction: Any) -> None:
-    for follower in _followers.get(session, ()):
-        follower.session_rolled_back(transaction)
+def _hook(method: Callable[..., None]) -> Callable[..., None]:
+    """The listener that runs ``method`` (with the event's arguments after its target) for each follower."""
 
-
-def _session_commits(session: Session) -> None:
-    for follower in _followers.get(session, ()):
-        follower.session_commits(session)
-
-
-def _on_connection(method: Callable[[_Follower], None]) -> Callable[..., None]:
-    def hook(conn: Connection, *_: object) -> None:
-        for follower in _followers.get(conn, ()):
-            method(follower)
+    def hook(target: Session | Connection, *args: Any) -> None:
+        for follower in _followers.get(target, ()):
+            method(follower, *args)
 
     return hook
 
 
-_CONNECTION_HOOKS = {
-    "savepoint": _on_connection(_Follower.savepoint),
-    "release_savepoint": _on_connection(_Follower.released),
-    "rollback_savepoint": _on_connection(_Follower.savepoint_rolled_back),
-    "rollback": _on_connection(_Follower.rolled_back),
-    "commit": _on_connection(_Follower.commits),
+_SESSION_HOOKS = {
+    "after_transaction_create": _hook(_Follower.session_began),
+    "after_soft_rollback": _hook(_Follower.session_rolled_back),
+    "before_commit": _hook(_Follower.session_commits),
+    "after_commit": _hook(_Follower.session_committed),
+    "after_transaction_end": _hook(_Follower.session_ended),
 }
+_CONNECTION_HOOKS = {
+    "savepoint": _hook(_Follower.savepoint),
+    "release_savepoint": _hook(_Follower.released),
+    "rollback_savepoint": _hook(_Follower.savepoint_rolled_back),
+    "rollback": _hook(_Follower.rolled_back),
+    "commit": _hook(_Follower.commits),
+    "begin_twophase": _hook(_Follower.begins_two_phase),
+}
+
+
+#: SQLAlchemy marks a SessionTransaction whose commit (or rollback) is under way with this state.
+_CHANGE_IN_PROGRESS = _StateChangeStates.CHANGE_IN_PROGRESS
+_current_scope = _deferral_scope.get
 
 
 def _dialect_name(target: Target, table: Table) -> str:
