@@ -474,15 +474,26 @@ def test_the_relay_command_refuses_the_memory_transport(app_module: str, db_url:
     assert "needs a broker" in result.output
 
 
-def test_the_relay_command_reports_a_bad_database_url(app_module: str):
-    """An unknown database dialect is a configuration error (exit 5), not a traceback."""
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("nosuchdb://x/y", "cannot use database URL"),
+        ("postgresql+psycopg://app:s3cret@127.0.0.1:54x2/app", "cannot use database URL"),  # a typo in the port
+        ("postgresql+psycopg_async://app:s3cret@127.0.0.1/app", "names an async driver"),
+        ("sqlite+aiosqlite:///app.db", "names an async driver"),
+    ],
+)
+def test_the_relay_command_reports_a_bad_database_url(app_module: str, url: str, says: str):
+    """A URL the relay cannot use is a configuration error (exit 5) in one line, without the password."""
     from click.testing import CliRunner  # noqa: PLC0415
 
     from queueable.cli import main  # noqa: PLC0415
 
-    result = CliRunner().invoke(main, ["relay", app_module, "--db", "nosuchdb://x/y"])
-    assert result.exit_code == 5
-    assert "cannot use database URL" in result.output
+    result = CliRunner().invoke(main, ["relay", app_module, "--db", url])
+    assert result.exit_code == 5, result.output
+    assert says in result.output
+    assert "Traceback" not in result.output
+    assert "s3cret" not in result.output
 
 
 def test_the_relay_command_needs_the_outbox_table(app_module: str, db_url: str):

@@ -21,6 +21,9 @@ from queueable.transport.memory import MemoryTransport
         ("amqp://host/", "amqp://host/"),
         ("amqp://user@host/", "amqp://user@host/"),
         ("amqp://u:pw@[::1]:5672/", "amqp://u:***@[::1]:5672/"),
+        # schemes urlsplit does not take for schemes (an "_" in the driver's name)
+        ("postgresql+psycopg_async://app:s3cret@db/app", "postgresql+psycopg_async://app:***@db/app"),
+        ("oracle+cx_oracle://scott:s3cret@db:1521/x", "oracle+cx_oracle://scott:***@db:1521/x"),
         (None, "None"),
     ],
 )

@@ -20,10 +20,19 @@ __all__ = ["Settings", "mask_url"]
 QueueType = Literal["quorum", "classic"]
 
 
+#: A scheme as urlsplit takes it (RFC 3986: a letter, then letters, digits, "+", "-" and ".").
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+
+
 def mask_url(url: str | None) -> str:
     """``url`` with its password replaced by ``***``; safe for logs, errors and reprs."""
     if not url:
         return repr(url)
+    scheme, sep, rest = url.partition("://")
+    if sep and not _SCHEME.fullmatch(scheme):
+        # urlsplit reads a scheme with other characters (SQLAlchemy's "postgresql+psycopg_async") as a path and
+        # would find no password: mask the URL under a plain scheme, then put the real one back.
+        return scheme + mask_url("x://" + rest)[1:]
     try:
         parts = urlsplit(url)
         port = parts.port  # raises for a port that is not a number in range

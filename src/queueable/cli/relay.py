@@ -23,6 +23,8 @@ from queueable.cli._common import (
 from queueable.errors import ConfigurationError, PublishError
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from queueable.outbox import Relay
 
 __all__ = ["relay"]
@@ -141,17 +143,15 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
     except ImportError as exc:
         msg = f"{exc}: pip install 'queueable[sqlalchemy]'"
         raise ConfigurationError(msg) from exc
-    try:
-        engine = sa.create_engine(db, pool_pre_ping=True)
-    except (sa.exc.ArgumentError, ImportError) as exc:
-        msg = f"cannot use database URL {mask_url(db)}: {exc}"
-        raise ConfigurationError(msg) from exc
+    configure_logging(log_level, log_format)
+    engine = _engine(db)
     outbox = outbox_table(sa.MetaData(), table, schema=schema)
     try:
         if create_table:
             outbox.create(engine, checkfirst=True)
         elif not sa.inspect(engine).has_table(table, schema=schema):
-            msg = f"no outbox table {table!r} in {mask_url(db)}: create it with --create-table (or migrations)"
+            name = f"{schema}.{table}" if schema else table
+            msg = f"no outbox table {name!r} in {mask_url(db)}: create it with --create-table (or migrations)"
             raise ConfigurationError(msg)
     except sa.exc.SQLAlchemyError as exc:
         if once or create_table:
@@ -169,7 +169,6 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
         retry_delay=retry_delay,
         listen=not no_listen,
     )
-    configure_logging(log_level, log_format)
     try:
         asyncio.run(_run(worker, once=once))
     except PublishError as exc:  # --once: some rows could not be published
@@ -178,6 +177,25 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
         raise _database_error(db, exc) from exc
     finally:
         engine.dispose()
+
+
+def _engine(db: str) -> Engine:
+    """The relay's engine for ``db``; ``ConfigurationError`` for a URL it cannot use."""
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    try:
+        engine = sa.create_engine(db, pool_pre_ping=True)  # a port that is not a number: ValueError
+    except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
+        msg = f"cannot use database URL {mask_url(db)}: {exc}"
+        raise ConfigurationError(msg) from exc
+    if engine.dialect.is_async:
+        engine.dispose()
+        msg = (
+            f"database URL {mask_url(db)} names an async driver: the relay needs a sync "
+            "driver, such as postgresql+psycopg:// or sqlite://"
+        )
+        raise ConfigurationError(msg)
+    return engine
 
 
 def _database_error(db: str, exc: Exception) -> ConfigurationError:
