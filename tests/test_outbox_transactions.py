@@ -8,7 +8,11 @@ dispatched before a ``commit()`` inside the scope was written after it, into a t
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
+import weakref
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
@@ -17,10 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_ses
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from queueable import App, SerializationError
-from queueable.outbox import OUTBOX, Outbox, outbox_table
+from queueable.outbox import OUTBOX, Outbox, metadata, outbox_table
 from queueable.outbox._writer import _followers
 from queueable.sync import SyncDispatcher
 from tests.fakes import Broken, CommentPosted
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
 from tests.test_outbox_sqlite import fixture_db_url, fixture_engine, fixture_outbox, fixture_outbox_app  # noqa: F401
 
 
@@ -264,21 +272,22 @@ async def test_committing_the_transaction_with_a_savepoint_still_open_writes_eve
     assert stored(engine) == [1, 2]
 
 
-async def test_a_deferred_block_inside_the_scope_follows_the_transaction_too(
-    engine: sa.Engine, outbox_app: App, outbox: Outbox
-):
+async def test_a_deferred_block_inside_the_scope_is_refused(engine: sa.Engine, outbox_app: App, outbox: Outbox):
+    """Its messages would miss the commits and savepoint rollbacks inside it, reaching the outbox only after."""
     with Session(engine) as session:
         async with outbox.bind(session):
-            async with outbox_app.dispatcher.deferred():
-                await outbox_app.dispatch(comment(1))
-                with suppress(BoomError), session.begin_nested():
-                    await outbox_app.dispatch(comment(2))
-                    raise BoomError
-                session.commit()
-                assert stored(engine) == [1]
-                await outbox_app.dispatch(comment(3))
+            await outbox_app.dispatch(comment(1))
+            with pytest.raises(RuntimeError, match=r"deferred\(\) inside outbox.bind\(\)"):
+                async with outbox_app.dispatcher.deferred():
+                    pass
+            with SyncDispatcher(outbox_app) as events, pytest.raises(RuntimeError, match=r"inside outbox\.bind"):  # noqa: SIM117
+                with events.deferred():
+                    pass
             session.commit()
-    assert stored(engine) == [1, 3]
+        async with outbox_app.dispatcher.deferred(), outbox.bind(session):  # the other way round is fine
+            await outbox_app.dispatch(comment(2))
+        session.commit()
+    assert stored(engine) == [1, 2]
 
 
 async def test_a_scoped_session_is_bound_as_the_session_it_stands_for(
@@ -356,3 +365,104 @@ async def test_a_write_that_fails_at_the_commit_keeps_the_messages_for_the_next_
 def test_a_two_phase_transaction_on_a_connection_is_refused(engine: sa.Engine, outbox: Outbox):
     with engine.connect() as conn, outbox.bind(conn), pytest.raises(TypeError, match="two-phase"):
         conn.begin_twophase()
+
+
+# Found by a second review: a Connection commit the outbox fails, nested scopes on two sessions, late flushes,
+# a scope that ends inside its own savepoint, and a scope that is never exited.
+
+orders = sa.Table("orders", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+
+
+async def test_a_connection_commit_that_fails_on_a_refused_event_rolls_its_work_back(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """SQLAlchemy deactivates the transaction without a rollback; the next commit must not carry the old work."""
+    outbox_app.add_listener(lambda e: None, Broken, queue=True, id="broken")
+    orders.create(engine)
+    with engine.connect() as conn:
+        async with outbox.bind(conn):
+            conn.execute(orders.insert().values(id=1))
+            await outbox_app.dispatch(comment(1))
+            await outbox_app.dispatch(Broken(value=1))
+            with pytest.raises(SerializationError):
+                conn.commit()
+            conn.rollback()
+            conn.execute(orders.insert().values(id=2))
+            await outbox_app.dispatch(comment(2))
+            conn.commit()
+        assert conn.execute(sa.select(orders.c.id)).scalars().all() == [2]
+    assert stored(engine) == [2]
+
+
+async def test_scopes_on_two_sessions_keep_their_own_events(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox, tmp_path: Path
+):
+    other = sa.create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    metadata.create_all(other)
+    try:
+        with Session(engine) as outer, Session(other) as inner:
+            async with outbox.bind(outer):
+                async with outbox.bind(inner):
+                    await outbox_app.dispatch(comment(1))
+                    with suppress(BoomError), outer.begin_nested():
+                        raise BoomError
+                    outer.commit()
+                inner.commit()
+        assert (stored(engine), stored(other)) == ([], [1])
+    finally:
+        other.dispose()
+
+
+def test_events_of_a_flush_after_the_outboxs_own_commit_hook_are_committed_too(engine: sa.Engine, outbox_app: App):
+    """A before_commit listener of the application's adds a row after the outbox's hook ran; its flush's hooks
+    dispatch an event."""
+    outbox = Outbox()
+    unique.create(engine)
+    with SyncDispatcher(outbox_app) as events, Session(engine) as session:
+
+        @event.listens_for(session, "before_flush")
+        def collect(session: Session, *_: object) -> None:
+            for _row in session.new:
+                events.dispatch(comment(99))
+
+        @event.listens_for(session, "before_commit")
+        def audit(session: Session) -> None:
+            session.add(Named("audit"))
+
+        with outbox.bind(session):
+            session.execute(sa.select(1))
+            session.commit()
+    assert stored(engine) == [99]
+
+
+async def test_a_scope_that_ends_inside_its_own_savepoint_is_an_error(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """Its rows would go into the savepoint, with the events dispatched before the savepoint began."""
+    with Session(engine) as session:
+        scope = outbox.bind(session)
+        await scope.__aenter__()
+        await outbox_app.dispatch(comment(1))
+        session.begin_nested()
+        with pytest.raises(RuntimeError, match="ended inside a SAVEPOINT begun in it"):
+            await scope.__aexit__(None, None, None)
+        session.commit()
+    with engine.connect() as conn:
+        scope = outbox.bind(conn)
+        await scope.__aenter__()
+        conn.begin_nested()
+        with pytest.raises(RuntimeError, match="ended inside a SAVEPOINT"):
+            await scope.__aexit__(None, None, None)
+        conn.commit()
+    assert stored(engine) == []
+
+
+def test_a_scope_never_exited_does_not_keep_its_session_alive(engine: sa.Engine, outbox: Outbox):
+    def abandon() -> weakref.ref[Session]:
+        session = Session(engine)
+        outbox.bind(session).__enter__()
+        return weakref.ref(session)
+
+    ref = contextvars.copy_context().run(abandon)  # its own context: the scope stays open there, not here
+    gc.collect()
+    assert ref() is None

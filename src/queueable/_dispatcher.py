@@ -119,8 +119,27 @@ _new_id = _wire.new_message_id
 
 def open_scope(owner: EventDispatcher | None) -> tuple[_Scope, contextvars.Token[_Scope | None]]:
     """Start buffering in this context; close with :func:`close_scope` in the same context."""
-    scope = _Scope(owner, _scope.get())
+    parent = _scope.get()
+    if owner is not None and parent is not None:
+        _refuse_inside_outbox(parent)
+    scope = _Scope(owner, parent)
     return scope, _scope.set(scope)
+
+
+def _refuse_inside_outbox(scope: _Scope | None) -> None:
+    """``RuntimeError`` if ``scope`` or an enclosing scope is an open outbox scope (a scope without an owner).
+
+    Inside an outbox scope, events already wait for the transaction's commit; a deferral scope there would hold
+    them past the commits and savepoint rollbacks the outbox follows, and hand them to it afterwards.
+    """
+    while scope is not None:
+        if scope.owner is None and not scope.closed:
+            msg = (
+                "deferred() inside outbox.bind(): the outbox already holds the events until the transaction "
+                "commits; dispatch without deferred() there"
+            )
+            raise RuntimeError(msg)
+        scope = scope.parent
 
 
 def close_scope(
@@ -418,7 +437,9 @@ class EventDispatcher:
         (``discard_on_error=False`` publishes it anyway, then the exception propagates). A nested scope hands
         its messages to the enclosing one, unvalidated, so they are validated and published when the outermost
         scope ends, and a refused message is reported there (under the ASGI middleware: logged and passed to
-        ``on_publish_error``), not when the nested block exits. The scope is a context variable: concurrent
+        ``on_publish_error``), not when the nested block exits. Entering one inside an outbox scope
+        (``outbox.bind()``) raises ``RuntimeError``: the outbox already holds events until the commit. The
+        scope is a context variable: concurrent
         tasks each have their own.
         """
         return Deferred(self, discard_on_error=discard_on_error)
@@ -462,7 +483,9 @@ class Deferred(_Scope):
         if self._token is not None:
             msg = "a Deferred scope cannot be entered twice"
             raise RuntimeError(msg)
-        self.parent = _scope_get()
+        parent = self.parent = _scope_get()
+        if parent is not None:
+            _refuse_inside_outbox(parent)
         self._token = _scope_set(self)
         return self
 

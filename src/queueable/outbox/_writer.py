@@ -16,7 +16,6 @@ from sqlalchemy.orm.state_changes import _StateChangeStates
 
 from queueable._app import App
 from queueable._dispatcher import EventDispatcher, close_scope, open_scope
-from queueable._dispatcher import _scope as _deferral_scope
 from queueable.outbox._table import OUTBOX, database_now, notify_channel, to_row
 
 if TYPE_CHECKING:
@@ -188,9 +187,16 @@ class OutboxScope:
     def _close(self, exc: BaseException | None) -> list[OutgoingMessage]:
         assert self._scope is not None
         assert self._token is not None
-        if self._follower is not None:
-            _unfollow(self._follower)
-            self._follower = None
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            _unfollow(follower)
+        if exc is None and follower is not None and follower.savepoints_open:
+            close_scope(self._scope, self._token, keep=False)
+            msg = (
+                "an outbox scope ended inside a SAVEPOINT begun in it: its rows would go into that SAVEPOINT, "
+                "and the events dispatched before it would vanish if it rolled back. End the SAVEPOINT first"
+            )
+            raise RuntimeError(msg)
         messages, rejected = close_scope(self._scope, self._token, keep=exc is None)
         if rejected is not None:  # no rows at all: the exception rolls the transaction back with its data
             raise rejected
@@ -238,58 +244,47 @@ class _Follower:
       would otherwise be written after it, into the enclosing transaction. Releasing one writes nothing: its
       messages stay buffered, so an enclosing SAVEPOINT that rolls back still drops them.
     - When the transaction rolls back, or ends without a commit (``Session.close()``), the buffer is dropped.
-    - A commit of the transaction first writes what is buffered into it (a Session flushes first, so events
-      that flush hooks dispatch are in it): the rows of a commit inside the scope would otherwise land in the
-      next transaction, which nobody may commit.
-    - A ``deferred()`` block still open inside the scope hands its messages over at each of these moments, not
-      only when it ends, since they were dispatched in the transaction as it was then.
+    - A commit of the transaction first writes what is buffered into it: the rows of a commit inside the scope
+      would otherwise land in the next transaction, which nobody may commit. A Session writes again after each
+      flush of the commit, for the events that flush hooks dispatch.
 
     SQLAlchemy's events drive it (see :func:`_follow`). They run in the thread that drives the transaction,
     while no dispatch is running in the scope (a ``SyncDispatcher`` caller is blocked in ``dispatch()`` until
     its messages are buffered).
     """
 
-    __slots__ = ("_committed", "_marks", "_savepoints", "_taken", "outbox", "scope", "subject")
+    __slots__ = ("_committed", "_marks", "_open", "_savepoints", "_subject", "_taken", "outbox", "scope")
 
     def __init__(self, outbox: Outbox, scope: _Scope, subject: Session | Connection) -> None:
         self.outbox = outbox
         self.scope = scope
-        self.subject = subject
+        self._subject = weakref.ref(subject)  # weak: a scope never exited must not keep its session alive
         self._taken: _Mark = (0, 0)
         # Session: savepoint -> mark at its start. Weak: a savepoint's rollback is reported after its end, and
         # again after a failed flush inside it, so the mark stays as long as SQLAlchemy holds the savepoint.
         self._marks: weakref.WeakKeyDictionary[SessionTransaction, _Mark] = weakref.WeakKeyDictionary()
-        self._savepoints: list[
-            _Mark
-        ] = []  # Connection: marks of the savepoints begun in the scope, innermost last
+        self._open: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()  # Session: savepoints begun, open
+        self._savepoints: list[_Mark] = []  # Connection: marks of the open savepoints begun in the scope
         self._committed = False  # Session: the transaction that is ending committed
 
-    def absorb(self) -> None:
-        """Take over the buffers of the deferral scopes open inside this one in the current context."""
-        chain = []
-        scope = _current_scope()
-        while scope is not None and scope is not self.scope:
-            chain.append(scope)
-            scope = scope.parent
-        if scope is None:  # this context is not inside the outbox scope
-            return
-        own = self.scope
-        for inner in reversed(chain):  # outermost first: its messages were dispatched before the inner ones'
-            if inner.closed:
-                continue
-            own.materialize().extend(inner.materialize())
-            own.rejected.extend(inner.rejected)
-            inner.built, inner.rejected = [], []
+    @property
+    def subject(self) -> Session | Connection:
+        subject = self._subject()
+        assert subject is not None  # its events are running
+        return subject
+
+    @property
+    def savepoints_open(self) -> bool:
+        """Whether a SAVEPOINT begun inside the scope is still open."""
+        return bool(self._savepoints or self._open)
 
     def mark(self) -> _Mark:
-        self.absorb()
         scope = self.scope
         built = scope.materialize()
         return self._taken[0] + len(built), self._taken[1] + len(scope.rejected)
 
     def cut(self, mark: _Mark) -> None:
         """Drop what was buffered after ``mark``."""
-        self.absorb()
         scope = self.scope
         built = scope.materialize()
         del built[max(0, mark[0] - self._taken[0]) :]
@@ -301,9 +296,8 @@ class _Follower:
     def write(self) -> None:
         """Write the buffer into the current transaction, or raise for the dispatches refused.
 
-        If the write fails, the messages stay buffered, for a commit after the error.
+        If the write fails, the messages stay buffered.
         """
-        self.absorb()
         scope = self.scope
         refused = len(scope.rejected)
         messages, rejected = scope.take()
@@ -322,6 +316,7 @@ class _Follower:
     def session_began(self, transaction: SessionTransaction) -> None:
         if transaction.nested:
             self._marks[transaction] = self.mark()
+            self._open.add(transaction)
         elif transaction.parent is None:
             self._committed = False
 
@@ -336,25 +331,40 @@ class _Follower:
         else:
             self.cut_all()
 
-    def session_commits(self) -> None:
-        # Fired for a SAVEPOINT's release too, with it still current: write only for the transaction's commit,
-        # which may come while a SAVEPOINT is still open (its commit releases them) - then the transaction is
-        # the one changing state. The rows go into the innermost SAVEPOINT, released by the same commit.
+    def _committing(self) -> bool:
+        """Whether the transaction itself (not a SAVEPOINT's release) is being committed.
+
+        ``before_commit`` fires for a release too, with the SAVEPOINT current; the transaction's commit may
+        come while a SAVEPOINT is still open (its commit releases them), and then the transaction is the one
+        changing state. Its rows go into the innermost SAVEPOINT, released by the same commit.
+        """
         session = cast("Session", self.subject)
         root = session.get_transaction()
         if root is None:
-            return
-        if session.in_nested_transaction() and getattr(root, "_next_state", None) is not _CHANGE_IN_PROGRESS:
-            return
-        session.flush()  # events dispatched by flush hooks belong to this transaction too
-        self.write()
+            return False
+        return not session.in_nested_transaction() or getattr(root, "_next_state", None) is _CHANGE_IN_PROGRESS
+
+    def session_commits(self) -> None:
+        if self._committing():
+            self.write()
+
+    def session_flushed(self, *_: object) -> None:
+        # The commit flushes after every before_commit listener has run, including ones that add objects
+        # whose flush hooks dispatch events: those are written here, still inside the transaction.
+        scope = self.scope
+        if scope.pending or scope.built or scope.rejected:
+            root = cast("Session", self.subject).get_transaction()
+            if root is not None and getattr(root, "_next_state", None) is _CHANGE_IN_PROGRESS:
+                self.write()
 
     def session_committed(self) -> None:
         if not cast("Session", self.subject).in_nested_transaction():
             self._committed = True
 
     def session_ended(self, transaction: SessionTransaction) -> None:
-        if transaction.parent is None and not transaction.nested:
+        if transaction.nested:
+            self._open.discard(transaction)
+        elif transaction.parent is None:
             if not self._committed:  # closed (Session.close(), reset()) without a commit: rolled back
                 self.cut_all()
             self._committed = False
@@ -375,8 +385,16 @@ class _Follower:
         self._savepoints.clear()
 
     def commits(self) -> None:
-        self.write()
         self._savepoints.clear()
+        try:
+            self.write()
+        except BaseException:
+            # SQLAlchemy deactivates a transaction whose commit raised without rolling it back in the database
+            # (for a failed COMMIT there is nothing left to roll back); here the work is still pending there,
+            # and the next commit would carry it. Roll it back now, as the caller will believe it was.
+            conn = cast("Connection", self.subject)
+            conn._rollback_impl()  # noqa: SLF001 - no public way to roll back beneath a deactivated transaction
+            raise
 
     def begins_two_phase(self, *_: object) -> None:
         _refuse_two_phase()
@@ -468,6 +486,7 @@ _SESSION_HOOKS = {
     "after_soft_rollback": _hook(_Follower.session_rolled_back),
     "before_commit": _hook(_Follower.session_commits),
     "after_commit": _hook(_Follower.session_committed),
+    "after_flush_postexec": _hook(_Follower.session_flushed),
     "after_transaction_end": _hook(_Follower.session_ended),
 }
 _CONNECTION_HOOKS = {
@@ -482,7 +501,6 @@ _CONNECTION_HOOKS = {
 
 #: SQLAlchemy marks a SessionTransaction whose commit (or rollback) is under way with this state.
 _CHANGE_IN_PROGRESS = _StateChangeStates.CHANGE_IN_PROGRESS
-_current_scope = _deferral_scope.get
 
 
 def _dialect_name(target: Target, table: Table) -> str:
