@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import subprocess
+import sys
 import weakref
 from contextlib import suppress
 from typing import TYPE_CHECKING
@@ -450,11 +452,25 @@ async def test_a_scope_that_ends_inside_its_own_savepoint_is_an_error(
     with engine.connect() as conn:
         scope = outbox.bind(conn)
         await scope.__aenter__()
+        await outbox_app.dispatch(comment(2))
         conn.begin_nested()
         with pytest.raises(RuntimeError, match="ended inside a SAVEPOINT"):
             await scope.__aexit__(None, None, None)
         conn.commit()
     assert stored(engine) == []
+
+
+async def test_a_scope_with_nothing_to_write_may_end_inside_a_savepoint(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """Test recipes and frameworks leave savepoints open: without messages, nothing can go into the wrong one."""
+    with Session(engine) as session:
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            session.commit()  # written
+            session.begin_nested()
+        session.commit()
+    assert stored(engine) == [1]
 
 
 def test_a_scope_never_exited_does_not_keep_its_session_alive(engine: sa.Engine, outbox: Outbox):
@@ -466,3 +482,51 @@ def test_a_scope_never_exited_does_not_keep_its_session_alive(engine: sa.Engine,
     ref = contextvars.copy_context().run(abandon)  # its own context: the scope stays open there, not here
     gc.collect()
     assert ref() is None
+
+
+# Found by a third review: late before_commit listeners, flushes outside the commit, listeners added at bind.
+
+
+def test_events_a_later_before_commit_listener_dispatches_are_committed_too(engine: sa.Engine, outbox_app: App):
+    """Domain events dispatched in the application's own before_commit hook, with nothing left to flush: the
+    outbox writes them at the last moment, on the connection's commit."""
+    outbox = Outbox()
+    with SyncDispatcher(outbox_app) as events, Session(engine) as session:
+
+        @event.listens_for(session, "before_commit")
+        def publish_domain_events(session: Session) -> None:
+            events.dispatch(comment(7))
+
+        with outbox.bind(session):
+            session.execute(sa.select(1))
+            session.commit()
+            assert stored(engine) == [7]
+    assert stored(engine) == [7]
+
+
+async def test_a_flush_outside_the_commit_writes_nothing(engine: sa.Engine, outbox_app: App, outbox: Outbox):
+    """begin_nested() on a session with pending rows flushes them; that is not the commit's flush."""
+    outbox_app.add_listener(lambda e: None, Broken, queue=True, id="broken")
+    unique.create(engine)
+    with Session(engine) as session:
+        async with outbox.bind(session):
+            await outbox_app.dispatch(Broken(value=1))
+            session.add(Named("x"))
+            with session.begin_nested():
+                pass
+            with pytest.raises(SerializationError):
+                session.commit()
+            session.rollback()
+    assert stored(engine) == []
+
+
+def test_the_session_listeners_are_added_at_import_not_at_the_first_bind():
+    """Adding class-wide listeners while other threads run session events would break those threads' commits
+    (the first request of a threaded server binding while others commit)."""
+    code = (
+        "from sqlalchemy import event; from sqlalchemy.orm import Session; import queueable.outbox; "
+        "from queueable.outbox._writer import _SESSION_HOOKS; "
+        "print(all(event.contains(Session, name, hook) for name, hook in _SESSION_HOOKS.items()))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603 - this interpreter, fixed code
+    assert result.stdout.strip() == "True"

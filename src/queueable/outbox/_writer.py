@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Self, TypeGuard, TypeVar, cast
@@ -190,7 +189,7 @@ class OutboxScope:
         follower, self._follower = self._follower, None
         if follower is not None:
             _unfollow(follower)
-        if exc is None and follower is not None and follower.savepoints_open:
+        if exc is None and follower is not None and follower.stuck_in_savepoint:
             close_scope(self._scope, self._token, keep=False)
             msg = (
                 "an outbox scope ended inside a SAVEPOINT begun in it: its rows would go into that SAVEPOINT, "
@@ -253,7 +252,17 @@ class _Follower:
     its messages are buffered).
     """
 
-    __slots__ = ("_committed", "_marks", "_open", "_savepoints", "_subject", "_taken", "outbox", "scope")
+    __slots__ = (
+        "_committed",
+        "_in_commit",
+        "_marks",
+        "_open",
+        "_savepoints",
+        "_subject",
+        "_taken",
+        "outbox",
+        "scope",
+    )
 
     def __init__(self, outbox: Outbox, scope: _Scope, subject: Session | Connection) -> None:
         self.outbox = outbox
@@ -266,6 +275,7 @@ class _Follower:
         self._open: weakref.WeakSet[SessionTransaction] = weakref.WeakSet()  # Session: savepoints begun, open
         self._savepoints: list[_Mark] = []  # Connection: marks of the open savepoints begun in the scope
         self._committed = False  # Session: the transaction that is ending committed
+        self._in_commit = False  # Session: the transaction's commit is under way (its before_commit ran)
 
     @property
     def subject(self) -> Session | Connection:
@@ -274,9 +284,12 @@ class _Follower:
         return subject
 
     @property
-    def savepoints_open(self) -> bool:
-        """Whether a SAVEPOINT begun inside the scope is still open."""
-        return bool(self._savepoints or self._open)
+    def stuck_in_savepoint(self) -> bool:
+        """Whether messages are buffered while a SAVEPOINT begun inside the scope is still open."""
+        if not (self._savepoints or self._open) or not self.buffering:
+            return False
+        subject = self.subject
+        return subject.in_nested_transaction() and subject.get_transaction() is not None
 
     def mark(self) -> _Mark:
         scope = self.scope
@@ -293,10 +306,9 @@ class _Follower:
     def cut_all(self) -> None:
         self.cut(self._taken)
 
-    def write(self) -> None:
-        """Write the buffer into the current transaction, or raise for the dispatches refused.
-
-        If the write fails, the messages stay buffered.
+    def write(self, target: Connection | None = None) -> None:
+        """Write the buffer into the current transaction (through ``target``, else the subject), or raise for
+        the dispatches refused. If the write fails, the messages stay buffered.
         """
         scope = self.scope
         refused = len(scope.rejected)
@@ -306,7 +318,7 @@ class _Follower:
             self._taken = (self._taken[0], self._taken[1] + refused)
             raise rejected
         try:
-            self.outbox.write(self.subject, messages)
+            self.outbox.write(target if target is not None else self.subject, messages)
         except BaseException:
             scope.built[:0] = messages
             raise
@@ -346,20 +358,37 @@ class _Follower:
 
     def session_commits(self) -> None:
         if self._committing():
+            self._in_commit = True
             self.write()
+
+    @property
+    def buffering(self) -> bool:
+        scope = self.scope
+        return bool(scope.pending or scope.built or scope.rejected)
 
     def session_flushed(self, *_: object) -> None:
         # The commit flushes after every before_commit listener has run, including ones that add objects
         # whose flush hooks dispatch events: those are written here, still inside the transaction.
-        scope = self.scope
-        if scope.pending or scope.built or scope.rejected:
-            root = cast("Session", self.subject).get_transaction()
-            if root is not None and getattr(root, "_next_state", None) is _CHANGE_IN_PROGRESS:
-                self.write()
+        if self._in_commit and self.buffering:
+            self.write()
+
+    def connection_commits(self, conn: Connection) -> None:
+        """The last moment before the database commits: what later before_commit listeners dispatched."""
+        if not (self._in_commit and self.buffering):
+            return
+        bind = cast("Session", self.subject).get_bind(clause=self.outbox.table)
+        if conn is not bind and conn.engine is not bind:
+            return  # another database of the session
+        try:
+            self.write(conn)
+        except BaseException:
+            conn._rollback_impl()  # noqa: SLF001 - as in commits(): leave nothing pending in the database
+            raise
 
     def session_committed(self) -> None:
         if not cast("Session", self.subject).in_nested_transaction():
             self._committed = True
+            self._in_commit = False
 
     def session_ended(self, transaction: SessionTransaction) -> None:
         if transaction.nested:
@@ -367,7 +396,7 @@ class _Follower:
         elif transaction.parent is None:
             if not self._committed:  # closed (Session.close(), reset()) without a commit: rolled back
                 self.cut_all()
-            self._committed = False
+            self._committed = self._in_commit = False
 
     # Connection events (an AsyncConnection's are its sync_connection's).
     def savepoint(self, *_: object) -> None:
@@ -404,13 +433,13 @@ class _Follower:
 #: SQLAlchemy advises against adding and removing listeners per unit of work ("a configurational operation", not
 #: thread-safe against the event running): the listeners below are added once and look their followers up here.
 _followers: weakref.WeakKeyDictionary[Session | Connection, list[_Follower]] = weakref.WeakKeyDictionary()
-_listening_to_sessions = False
-_listening = threading.Lock()
+#: Connections a followed Session committed through, with that session (weakly): their ``commit`` event is the
+#: last moment before the database commits, after every session-level listener.
+_session_connections: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]] = weakref.WeakKeyDictionary()
 
 
 def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
     """Start following ``target``'s transaction for ``scope``; :func:`_unfollow` when the scope ends."""
-    global _listening_to_sessions  # noqa: PLW0603 - the one-time registration of the class-wide listeners
     subject = _sync_subject(target)
     if isinstance(subject, Connection) and isinstance(subject.get_transaction(), TwoPhaseTransaction):
         _refuse_two_phase()
@@ -418,20 +447,37 @@ def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
     followers = _followers.get(subject)
     if followers is None:
         followers = _followers[subject] = []
-        if isinstance(subject, _Session):
-            # Session-wide: a session event costs a dictionary lookup; sessions come and go per request.
-            with _listening:
-                if not _listening_to_sessions:
-                    for name, hook in _SESSION_HOOKS.items():
-                        event.listen(_Session, name, hook)
-                    _listening_to_sessions = True
-        else:
+        if isinstance(subject, Connection):
             # On this connection only, once: connection events on every connection would slow down every
             # statement the application runs (about 3 µs each, measured on SQLite).
             for name, hook in _CONNECTION_HOOKS.items():
                 event.listen(subject, name, hook)
+    if isinstance(subject, _Session):
+        root = subject.get_transaction()
+        for conn in list(getattr(root, "_connections", {})):  # begun before the scope: no after_begin to come
+            if isinstance(conn, Connection):
+                _watch_session_connection(subject, conn)
     followers.append(follower)
     return follower
+
+
+def _watch_session_connection(session: Session, conn: Connection) -> None:
+    if conn not in _session_connections:
+        event.listen(conn, "commit", _session_connection_commits)
+    _session_connections[conn] = weakref.ref(session)
+
+
+def _session_began_on(session: Session, _transaction: SessionTransaction, conn: Connection) -> None:
+    if _followers.get(session):
+        _watch_session_connection(session, conn)
+
+
+def _session_connection_commits(conn: Connection) -> None:
+    ref = _session_connections.get(conn)
+    session = ref() if ref is not None else None
+    if session is not None:
+        for follower in _followers.get(session, ()):
+            follower.connection_commits(conn)
 
 
 def _refuse_two_phase() -> None:
@@ -489,6 +535,12 @@ _SESSION_HOOKS = {
     "after_flush_postexec": _hook(_Follower.session_flushed),
     "after_transaction_end": _hook(_Follower.session_ended),
 }
+# Registered once, when this module is imported (an application's startup): adding class-wide listeners while
+# other threads run session events would break their iteration of the listener list.
+for _name, _session_hook in _SESSION_HOOKS.items():
+    event.listen(_Session, _name, _session_hook)
+event.listen(_Session, "after_begin", _session_began_on)
+
 _CONNECTION_HOOKS = {
     "savepoint": _hook(_Follower.savepoint),
     "release_savepoint": _hook(_Follower.released),
