@@ -45,6 +45,15 @@ def stored(engine: sa.Engine) -> list[int]:
         return [CommentPosted.model_validate_json(body).post_id for body in bodies]
 
 
+def dispatch_at_each_new_row(session: Session, events: SyncDispatcher, post_id: int) -> None:
+    """Domain events from a flush hook: one dispatch per new row, at each flush of ``session``."""
+
+    @event.listens_for(session, "before_flush")
+    def collect(session: Session, *_: object) -> None:
+        for _row in session.new:
+            events.dispatch(comment(post_id))
+
+
 class BoomError(Exception):
     pass
 
@@ -335,11 +344,7 @@ def test_events_that_flush_hooks_dispatch_during_the_commit_are_committed_with_i
     """Domain events collected in ``before_flush``: the commit flushes before it writes the outbox rows."""
     outbox = Outbox()
     with SyncDispatcher(outbox_app) as events, Session(engine) as session:
-
-        @event.listens_for(session, "before_flush")
-        def collect(session: Session, *_: object) -> None:
-            for _row in session.new:
-                events.dispatch(comment(5))
+        dispatch_at_each_new_row(session, events, 5)
 
         unique.create(engine)
         with outbox.bind(session):
@@ -421,11 +426,7 @@ def test_events_of_a_flush_after_the_outboxs_own_commit_hook_are_committed_too(e
     outbox = Outbox()
     unique.create(engine)
     with SyncDispatcher(outbox_app) as events, Session(engine) as session:
-
-        @event.listens_for(session, "before_flush")
-        def collect(session: Session, *_: object) -> None:
-            for _row in session.new:
-                events.dispatch(comment(99))
+        dispatch_at_each_new_row(session, events, 99)
 
         @event.listens_for(session, "before_commit")
         def audit(session: Session) -> None:
@@ -530,3 +531,54 @@ def test_the_session_listeners_are_added_at_import_not_at_the_first_bind():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: S603 - this interpreter, fixed code
     assert result.stdout.strip() == "True"
+
+
+# Found by a fourth review, in application-shaped code.
+
+
+def test_events_of_the_blocks_changes_are_written_when_the_commit_comes_after_it(
+    engine: sa.Engine, outbox_app: App
+):
+    """``with session.begin(), outbox.bind(session):`` commits after the scope ended: the scope flushes first, so
+    the events that flush hooks dispatch for the block's changes still reach the outbox."""
+    outbox = Outbox()
+    unique.create(engine)
+    with SyncDispatcher(outbox_app) as events, Session(engine) as session:
+        dispatch_at_each_new_row(session, events, 8)
+
+        with session.begin(), outbox.bind(session):
+            session.add(Named("x"))
+    assert stored(engine) == [8]
+
+
+def test_a_scope_ended_in_another_context_says_so(engine: sa.Engine, outbox: Outbox):
+    """FastAPI runs a sync ``yield`` dependency's setup and teardown in different context copies: the
+    dispatches in between never saw the scope."""
+    with Session(engine) as session:
+        scope = outbox.bind(session)
+        contextvars.copy_context().run(scope.__enter__)
+        with pytest.raises(RuntimeError, match="ended in another context"):
+            scope.__exit__(None, None, None)
+        assert _followers[session] == []
+
+
+class EqualitySession(Session):  # noqa: PLW1641 - unhashable on purpose
+    """A Session subclass that defines ``__eq__`` (so ``__hash__`` is ``None``)."""
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+async def test_an_unhashable_session_subclass_works_bound_or_not(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    with EqualitySession(engine) as session:
+        session.execute(sa.select(1))
+        session.commit()  # session events with the module's listeners, not bound
+        async with outbox.bind(session):
+            await outbox_app.dispatch(comment(1))
+            with suppress(BoomError), session.begin_nested():
+                await outbox_app.dispatch(comment(2))
+                raise BoomError
+            session.commit()
+    assert stored(engine) == [1]

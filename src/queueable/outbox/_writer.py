@@ -196,7 +196,16 @@ class OutboxScope:
                 "and the events dispatched before it would vanish if it rolled back. End the SAVEPOINT first"
             )
             raise RuntimeError(msg)
-        messages, rejected = close_scope(self._scope, self._token, keep=exc is None)
+        try:
+            messages, rejected = close_scope(self._scope, self._token, keep=exc is None)
+        except ValueError as error:  # the token belongs to another context
+            self._scope.closed = True
+            msg = (
+                "outbox.bind() ended in another context than the one it was entered in, so the events dispatched "
+                "in between did not see it and were not written to the outbox (a FastAPI sync `yield` "
+                "dependency does this: use an async dependency, or bind inside the endpoint)"
+            )
+            raise RuntimeError(msg) from error
         if rejected is not None:  # no rows at all: the exception rolls the transaction back with its data
             raise rejected
         return messages
@@ -214,8 +223,19 @@ class OutboxScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is None and isinstance(self.target, _Session):
+            self._flush_first(self.target.flush)
         messages = self._close(exc)
         self.outbox.write(cast("Session | Connection", self.target), messages)
+
+    def _flush_first(self, flush: Callable[[], object]) -> None:
+        """Flush the session before the scope ends: events that flush hooks dispatch for the block's changes
+        belong to it (under ``with session.begin(), outbox.bind(session):`` the commit's flush comes after)."""
+        try:
+            flush()
+        except BaseException as exc:
+            self._close(exc)
+            raise
 
     async def __aenter__(self) -> Self:
         self._open()
@@ -227,6 +247,14 @@ class OutboxScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is None and _is_async(self.target) and hasattr(self.target, "flush"):
+            try:
+                await self.target.flush()
+            except BaseException as error:
+                self._close(error)
+                raise
+        elif exc is None and isinstance(self.target, _Session):
+            self._flush_first(self.target.flush)
         await self.outbox.write_async(self.target, self._close(exc))
 
 
@@ -444,9 +472,13 @@ def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
     if isinstance(subject, Connection) and isinstance(subject.get_transaction(), TwoPhaseTransaction):
         _refuse_two_phase()
     follower = _Follower(outbox, scope, subject)
-    followers = _followers.get(subject)
+    followers = _followers_of(subject)
     if followers is None:
-        followers = _followers[subject] = []
+        followers = []
+        try:
+            _followers[subject] = followers
+        except TypeError:  # a Session subclass with __eq__ and no __hash__
+            subject.__dict__[_FOLLOWERS] = followers
         if isinstance(subject, Connection):
             # On this connection only, once: connection events on every connection would slow down every
             # statement the application runs (about 3 µs each, measured on SQLite).
@@ -468,7 +500,7 @@ def _watch_session_connection(session: Session, conn: Connection) -> None:
 
 
 def _session_began_on(session: Session, _transaction: SessionTransaction, conn: Connection) -> None:
-    if _followers.get(session):
+    if _followers_of(session):
         _watch_session_connection(session, conn)
 
 
@@ -476,8 +508,19 @@ def _session_connection_commits(conn: Connection) -> None:
     ref = _session_connections.get(conn)
     session = ref() if ref is not None else None
     if session is not None:
-        for follower in _followers.get(session, ()):
+        for follower in _followers_of(session) or ():
             follower.connection_commits(conn)
+
+
+#: Where the followers of an unhashable session (a subclass defining ``__eq__``) are kept: on the session itself.
+_FOLLOWERS = "_queueable_outbox_followers"
+
+
+def _followers_of(target: Session | Connection) -> list[_Follower] | None:
+    try:
+        return _followers.get(target)
+    except TypeError:  # unhashable: see _FOLLOWERS
+        return cast("list[_Follower] | None", getattr(target, "__dict__", {}).get(_FOLLOWERS))
 
 
 def _refuse_two_phase() -> None:
@@ -486,7 +529,7 @@ def _refuse_two_phase() -> None:
 
 
 def _unfollow(follower: _Follower) -> None:
-    followers = _followers.get(follower.subject)
+    followers = _followers_of(follower.subject)
     if followers is not None and follower in followers:
         followers.remove(follower)
 
@@ -521,7 +564,7 @@ def _hook(method: Callable[..., None]) -> Callable[..., None]:
     """The listener that runs ``method`` (with the event's arguments after its target) for each follower."""
 
     def hook(target: Session | Connection, *args: Any) -> None:
-        for follower in _followers.get(target, ()):
+        for follower in _followers_of(target) or ():
             method(follower, *args)
 
     return hook
