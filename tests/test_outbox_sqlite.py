@@ -481,6 +481,8 @@ def test_the_relay_command_refuses_the_memory_transport(app_module: str, db_url:
         ("postgresql+psycopg://app:s3cret@127.0.0.1:54x2/app", "cannot use database URL"),  # a typo in the port
         ("postgresql+psycopg_async://app:s3cret@127.0.0.1/app", "names an async driver"),
         ("sqlite+aiosqlite:///app.db", "names an async driver"),
+        # urlsplit reads "12" as a port here; SQLAlchemy reads the password "12#s3cret"
+        ("postgresql+psycopg_async://app:12#s3cret@127.0.0.1/app", "names an async driver"),
     ],
 )
 def test_the_relay_command_reports_a_bad_database_url(app_module: str, url: str, says: str):

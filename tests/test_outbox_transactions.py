@@ -582,3 +582,17 @@ async def test_an_unhashable_session_subclass_works_bound_or_not(
                 raise BoomError
             session.commit()
     assert stored(engine) == [1]
+
+
+async def test_a_session_that_does_not_autoflush_is_not_flushed_at_the_end(
+    engine: sa.Engine, outbox_app: App, outbox: Outbox
+):
+    """It may hold rows it cannot flush yet: filled in after the block, before the commit."""
+    unique.create(engine)
+    with Session(engine, autoflush=False) as session:
+        named = Named(None)  # type: ignore[arg-type]
+        session.add(named)
+        await outbox.dispatch(session, comment(1))
+        named.name = "filled in later"
+        session.commit()
+    assert stored(engine) == [1]

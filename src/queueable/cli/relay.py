@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 from typing import TYPE_CHECKING
 
 import click
 
-from queueable._settings import mask_url
 from queueable.cli._common import (
     EXIT_BROKER,
     CliError,
@@ -151,7 +151,7 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
             outbox.create(engine, checkfirst=True)
         elif not sa.inspect(engine).has_table(table, schema=schema):
             name = f"{schema}.{table}" if schema else table
-            msg = f"no outbox table {name!r} in {mask_url(db)}: create it with --create-table (or migrations)"
+            msg = f"no outbox table {name!r} in {_mask_db(db)}: create it with --create-table (or migrations)"
             raise ConfigurationError(msg)
     except sa.exc.SQLAlchemyError as exc:
         if once or create_table:
@@ -179,6 +179,17 @@ def relay(  # noqa: PLR0917 - click passes options by keyword; this is its calli
         engine.dispose()
 
 
+def _mask_db(db: str) -> str:
+    """``db`` with its password hidden, read as SQLAlchemy reads it (``user:12#s3cret@host`` has the password
+    ``12#s3cret`` for SQLAlchemy, while urlsplit takes ``12`` for a port and would hide nothing)."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+    try:
+        return make_url(db).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"://.*@", "://***@", db, flags=re.DOTALL)
+
+
 def _engine(db: str) -> Engine:
     """The relay's engine for ``db``; ``ConfigurationError`` for a URL it cannot use."""
     import sqlalchemy as sa  # noqa: PLC0415
@@ -186,12 +197,12 @@ def _engine(db: str) -> Engine:
     try:
         engine = sa.create_engine(db, pool_pre_ping=True)  # a port that is not a number: ValueError
     except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
-        msg = f"cannot use database URL {mask_url(db)}: {exc}"
+        msg = f"cannot use database URL {_mask_db(db)}: {exc}"
         raise ConfigurationError(msg) from exc
     if engine.dialect.is_async:
         engine.dispose()
         msg = (
-            f"database URL {mask_url(db)} names an async driver: the relay needs a sync "
+            f"database URL {_mask_db(db)} names an async driver: the relay needs a sync "
             "driver, such as postgresql+psycopg:// or sqlite://"
         )
         raise ConfigurationError(msg)
@@ -202,7 +213,7 @@ def _database_error(db: str, exc: Exception) -> ConfigurationError:
     """One line for a database failure (SQLAlchemy's own message adds the statement and a help link)."""
     cause = getattr(exc, "orig", None) or exc
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return ConfigurationError(f"cannot use the outbox database {mask_url(db)}: {type(cause).__name__}: {text}")
+    return ConfigurationError(f"cannot use the outbox database {_mask_db(db)}: {type(cause).__name__}: {text}")
 
 
 async def _run(worker: Relay, *, once: bool) -> None:

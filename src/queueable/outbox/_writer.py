@@ -11,7 +11,6 @@ from sqlalchemy import Connection, event, func, insert, select
 from sqlalchemy.engine.base import TwoPhaseTransaction
 from sqlalchemy.orm import Session as _Session
 from sqlalchemy.orm import scoped_session
-from sqlalchemy.orm.state_changes import _StateChangeStates
 
 from queueable._app import App
 from queueable._dispatcher import EventDispatcher, close_scope, open_scope
@@ -223,14 +222,15 @@ class OutboxScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None and isinstance(self.target, _Session):
+        if exc is None and isinstance(self.target, _Session) and self.target.autoflush:
             self._flush_first(self.target.flush)
         messages = self._close(exc)
         self.outbox.write(cast("Session | Connection", self.target), messages)
 
     def _flush_first(self, flush: Callable[[], object]) -> None:
         """Flush the session before the scope ends: events that flush hooks dispatch for the block's changes
-        belong to it (under ``with session.begin(), outbox.bind(session):`` the commit's flush comes after)."""
+        belong to it (under ``with session.begin(), outbox.bind(session):`` the commit's flush comes after).
+        Only for a session that autoflushes: one that does not may hold rows it cannot flush yet."""
         try:
             flush()
         except BaseException as exc:
@@ -247,15 +247,16 @@ class OutboxScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None and _is_async(self.target) and hasattr(self.target, "flush"):
+        target = self.target
+        if exc is None and isinstance(target, _Session) and target.autoflush:
+            self._flush_first(target.flush)
+        elif exc is None and getattr(getattr(target, "sync_session", None), "autoflush", False):  # AsyncSession
             try:
-                await self.target.flush()
+                await cast("AsyncSession", target).flush()
             except BaseException as error:
                 self._close(error)
                 raise
-        elif exc is None and isinstance(self.target, _Session):
-            self._flush_first(self.target.flush)
-        await self.outbox.write_async(self.target, self._close(exc))
+        await self.outbox.write_async(target, self._close(exc))
 
 
 #: A position in an outbox scope's buffer: (messages ever buffered, refused dispatches ever buffered), counting
@@ -382,7 +383,9 @@ class _Follower:
         root = session.get_transaction()
         if root is None:
             return False
-        return not session.in_nested_transaction() or getattr(root, "_next_state", None) is _CHANGE_IN_PROGRESS
+        # SQLAlchemy's own marker of a transaction whose state is changing (private: read directly, so that a
+        # version without it fails loudly instead of skipping the write; see _CHANGE_IN_PROGRESS).
+        return not session.in_nested_transaction() or root._next_state is _CHANGE_IN_PROGRESS  # noqa: SLF001
 
     def session_commits(self) -> None:
         if self._committing():
@@ -468,6 +471,9 @@ _session_connections: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]
 
 def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
     """Start following ``target``'s transaction for ``scope``; :func:`_unfollow` when the scope ends."""
+    if _CHANGE_IN_PROGRESS is None:  # pragma: no cover - see its definition
+        msg = "outbox.bind() cannot follow transactions on this SQLAlchemy version (no state_changes module)"
+        raise RuntimeError(msg)
     subject = _sync_subject(target)
     if isinstance(subject, Connection) and isinstance(subject.get_transaction(), TwoPhaseTransaction):
         _refuse_two_phase()
@@ -486,7 +492,8 @@ def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
                 event.listen(subject, name, hook)
     if isinstance(subject, _Session):
         root = subject.get_transaction()
-        for conn in list(getattr(root, "_connections", {})):  # begun before the scope: no after_begin to come
+        # Connections begun before the scope: no after_begin to come. Private, read directly (as _next_state).
+        for conn in list(root._connections if root is not None else ()):  # noqa: SLF001
             if isinstance(conn, Connection):
                 _watch_session_connection(subject, conn)
     followers.append(follower)
@@ -595,7 +602,12 @@ _CONNECTION_HOOKS = {
 
 
 #: SQLAlchemy marks a SessionTransaction whose commit (or rollback) is under way with this state.
-_CHANGE_IN_PROGRESS = _StateChangeStates.CHANGE_IN_PROGRESS
+try:
+    from sqlalchemy.orm.state_changes import _StateChangeStates
+except ImportError:  # pragma: no cover - a SQLAlchemy this module was not written for: bind() refuses (_follow)
+    _CHANGE_IN_PROGRESS: object = None
+else:
+    _CHANGE_IN_PROGRESS = _StateChangeStates.CHANGE_IN_PROGRESS
 
 
 def _dialect_name(target: Target, table: Table) -> str:
