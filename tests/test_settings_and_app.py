@@ -24,6 +24,9 @@ from queueable.transport.memory import MemoryTransport
         # schemes urlsplit does not take for schemes (an "_" in the driver's name)
         ("postgresql+psycopg_async://app:s3cret@db/app", "postgresql+psycopg_async://app:***@db/app"),
         ("oracle+cx_oracle://scott:s3cret@db:1521/x", "oracle+cx_oracle://scott:***@db:1521/x"),
+        # an unencoded "#" or "?" in the password: urlsplit ends the host there
+        ("amqp://guest:12#s3cret@host/", "amqp://***@host/"),
+        ("amqp://guest:ab?s3cret@host/vh", "amqp://***@host/vh"),
         (None, "None"),
     ],
 )

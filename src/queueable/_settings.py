@@ -38,6 +38,10 @@ def mask_url(url: str | None) -> str:
         port = parts.port  # raises for a port that is not a number in range
     except ValueError:  # malformed: mask everything up to the last "@" (a password may hold "/" or "@")
         return re.sub(r"://.*@", "://***@", url, flags=re.DOTALL)
+    if "@" not in parts.netloc and "@" in url:
+        # An "@" past the host: a password holding "#", "?" or "/" unencoded ("u:12#s3cret@host" reads as host
+        # "u", port 12): other readers of the URL may take it for the password, so hide all of it.
+        return re.sub(r"://.*@", "://***@", url, flags=re.DOTALL)
     if parts.password is None:
         return url
     user = parts.username or ""
