@@ -31,6 +31,8 @@ from tests.fakes import Broken, CommentPosted
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from sqlalchemy.orm._typing import JoinTransactionMode
+
 from tests.test_outbox_sqlite import fixture_db_url, fixture_engine, fixture_outbox, fixture_outbox_app  # noqa: F401
 
 
@@ -596,3 +598,75 @@ async def test_a_session_that_does_not_autoflush_is_not_flushed_at_the_end(
         named.name = "filled in later"
         session.commit()
     assert stored(engine) == [1]
+
+
+# Found by a sixth review: state left by a commit that raised, scopes opened in flush hooks, sessions joined to
+# an external transaction, commits with nothing to say to the outbox's database.
+
+
+async def test_a_commit_that_raised_leaves_later_flushes_alone(engine: sa.Engine, outbox_app: App, outbox: Outbox):
+    """After a refused commit, a savepoint's flush is not the commit's: nothing is written into that savepoint."""
+    outbox_app.add_listener(lambda e: None, Broken, queue=True, id="broken")
+    unique.create(engine)
+    with Session(engine) as session:
+        async with outbox.bind(session):
+            session.execute(sa.select(1))
+            await outbox_app.dispatch(Broken(value=1))
+            with pytest.raises(SerializationError):
+                session.commit()
+            await outbox_app.dispatch(comment(1))
+            with suppress(BoomError), session.begin_nested():
+                session.add(Named("in the savepoint"))
+                session.flush()
+                raise BoomError
+            await outbox_app.dispatch(comment(2))
+            session.commit()
+    assert stored(engine) == [1, 2]
+
+
+def test_a_scope_opened_in_a_flush_hook_does_not_flush_again(engine: sa.Engine, outbox_app: App):
+    outbox = Outbox()
+    unique.create(engine)
+    with SyncDispatcher(outbox_app) as events, Session(engine) as session:
+
+        @event.listens_for(session, "after_flush")
+        def record(session: Session, *_: object) -> None:
+            with outbox.bind(session):
+                events.dispatch(comment(1))
+
+        session.add(Named("a"))
+        session.commit()
+    assert stored(engine) == [1]
+
+
+@pytest.mark.parametrize("mode", ["control_fully", "create_savepoint", "rollback_only", "conditional_savepoint"])
+def test_a_session_joined_to_an_external_transaction_commits_late_events(
+    engine: sa.Engine, outbox_app: App, mode: JoinTransactionMode
+):
+    """The test-suite recipe: the session's commit may be a RELEASE SAVEPOINT, not a COMMIT."""
+    outbox = Outbox()
+    unique.create(engine)
+    with SyncDispatcher(outbox_app) as events, engine.connect() as conn:
+        conn.begin()
+        with Session(bind=conn, join_transaction_mode=mode) as session:
+            event.listen(session, "before_commit", lambda _: events.dispatch(comment(2)))
+            with outbox.bind(session):
+                events.dispatch(comment(1))
+                session.add(Named("a"))
+                session.commit()
+        if conn.in_transaction():
+            conn.commit()
+    assert stored(engine) == [1, 2]
+
+
+def test_a_commit_with_no_statement_still_commits_late_events(engine: sa.Engine, outbox_app: App):
+    """Commit-as-you-go: the second commit ran no statement, yet a before_commit listener dispatches."""
+    outbox = Outbox()
+    with SyncDispatcher(outbox_app) as events, Session(engine) as session:
+        post_ids = iter([1, 2])
+        event.listen(session, "before_commit", lambda _: events.dispatch(comment(next(post_ids))))
+        with outbox.bind(session):
+            session.execute(sa.select(1))
+            session.commit()
+            session.commit()
+    assert stored(engine) == [1, 2]

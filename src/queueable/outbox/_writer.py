@@ -222,7 +222,7 @@ class OutboxScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None and isinstance(self.target, _Session) and self.target.autoflush:
+        if exc is None and isinstance(self.target, _Session) and _flushable(self.target):
             self._flush_first(self.target.flush)
         messages = self._close(exc)
         self.outbox.write(cast("Session | Connection", self.target), messages)
@@ -248,9 +248,9 @@ class OutboxScope:
         tb: TracebackType | None,
     ) -> None:
         target = self.target
-        if exc is None and isinstance(target, _Session) and target.autoflush:
+        if exc is None and isinstance(target, _Session) and _flushable(target):
             self._flush_first(target.flush)
-        elif exc is None and getattr(getattr(target, "sync_session", None), "autoflush", False):  # AsyncSession
+        elif exc is None and _flushable(getattr(target, "sync_session", None)):  # AsyncSession
             try:
                 await cast("AsyncSession", target).flush()
             except BaseException as error:
@@ -391,21 +391,33 @@ class _Follower:
         if self._committing():
             self._in_commit = True
             self.write()
+            # The outbox table's database must take part in this commit, so that its connection's commit event
+            # (connection_commits) sees what later before_commit listeners dispatch.
+            session = cast("Session", self.subject)
+            session.connection(bind_arguments={"clause": self.outbox.table})
 
     @property
     def buffering(self) -> bool:
         scope = self.scope
         return bool(scope.pending or scope.built or scope.rejected)
 
+    @property
+    def committing_now(self) -> bool:
+        """Whether the commit whose before_commit ran is still under way (one that raised is not)."""
+        if not self._in_commit:
+            return False
+        root = cast("Session", self.subject).get_transaction()
+        return root is not None and root._next_state is _CHANGE_IN_PROGRESS  # noqa: SLF001 - see _committing
+
     def session_flushed(self, *_: object) -> None:
         # The commit flushes after every before_commit listener has run, including ones that add objects
         # whose flush hooks dispatch events: those are written here, still inside the transaction.
-        if self._in_commit and self.buffering:
+        if self.buffering and self.committing_now:
             self.write()
 
     def connection_commits(self, conn: Connection) -> None:
         """The last moment before the database commits: what later before_commit listeners dispatched."""
-        if not (self._in_commit and self.buffering):
+        if not (self.buffering and self.committing_now):
             return
         bind = cast("Session", self.subject).get_bind(clause=self.outbox.table)
         if conn is not bind and conn.engine is not bind:
@@ -503,7 +515,19 @@ def _follow(outbox: Outbox, scope: _Scope, target: Target) -> _Follower:
 def _watch_session_connection(session: Session, conn: Connection) -> None:
     if conn not in _session_connections:
         event.listen(conn, "commit", _session_connection_commits)
+        event.listen(conn, "release_savepoint", _session_savepoint_released)
     _session_connections[conn] = weakref.ref(session)
+
+
+def _session_savepoint_released(conn: Connection, name: str, _context: object) -> None:
+    """A session joined to an external transaction through a SAVEPOINT (``join_transaction_mode``
+    ``create_savepoint``) commits by releasing it: that release is its last moment."""
+    ref = _session_connections.get(conn)
+    session = ref() if ref is not None else None
+    root = session.get_transaction() if session is not None else None
+    entry = root._connections.get(conn) if root is not None else None  # noqa: SLF001 - as in _follow
+    if entry is not None and getattr(entry[1], "_savepoint", None) == name:  # the session's own SAVEPOINT
+        _session_connection_commits(conn)
 
 
 def _session_began_on(session: Session, _transaction: SessionTransaction, conn: Connection) -> None:
@@ -608,6 +632,12 @@ except ImportError:  # pragma: no cover - a SQLAlchemy this module was not writt
     _CHANGE_IN_PROGRESS: object = None
 else:
     _CHANGE_IN_PROGRESS = _StateChangeStates.CHANGE_IN_PROGRESS
+
+
+def _flushable(session: Session | None) -> bool:
+    """Whether the end of a scope flushes ``session``: it autoflushes (one that does not may hold rows it
+    cannot flush yet), and it is not flushing already (a scope opened in a flush hook)."""
+    return session is not None and session.autoflush and not session._flushing  # noqa: SLF001
 
 
 def _dialect_name(target: Target, table: Table) -> str:
