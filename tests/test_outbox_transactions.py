@@ -670,3 +670,39 @@ def test_a_commit_with_no_statement_still_commits_late_events(engine: sa.Engine,
             session.commit()
             session.commit()
     assert stored(engine) == [1, 2]
+
+
+# Found by a seventh review.
+
+
+def test_a_two_phase_session_commits_late_events(
+    engine: sa.Engine, outbox_app: App, monkeypatch: pytest.MonkeyPatch
+):
+    """Session(twophase=True) commits with PREPARE and COMMIT PREPARED, not COMMIT. SQLite has no two-phase
+    commit (nor has this PostgreSQL): its dialect's four hooks become a plain transaction, SQLAlchemy's event
+    flow stays its own."""
+    dialect = engine.dialect
+    monkeypatch.setattr(dialect, "do_begin_twophase", lambda conn, _xid: dialect.do_begin(conn.connection))
+    monkeypatch.setattr(dialect, "do_prepare_twophase", lambda _conn, _xid: None)
+    monkeypatch.setattr(dialect, "do_commit_twophase", lambda conn, *_, **__: dialect.do_commit(conn.connection))
+    monkeypatch.setattr(
+        dialect, "do_rollback_twophase", lambda conn, *_, **__: dialect.do_rollback(conn.connection)
+    )
+    outbox = Outbox()
+    with SyncDispatcher(outbox_app) as events, Session(engine, twophase=True) as session:
+        event.listen(session, "before_commit", lambda _: events.dispatch(comment(2)))
+        with outbox.bind(session):
+            events.dispatch(comment(1))
+            session.execute(sa.select(1))
+            session.commit()
+    assert stored(engine) == [1, 2]
+
+
+async def test_writing_through_an_async_session_needs_write_async(db_url: str, outbox: Outbox):
+    async_engine = create_async_engine(db_url.replace("sqlite://", "sqlite+aiosqlite://"))
+    try:
+        async with AsyncSession(async_engine) as session:
+            with pytest.raises(TypeError, match="await write_async"):
+                outbox.write(session, [])  # type: ignore[arg-type]
+    finally:
+        await async_engine.dispose()

@@ -113,6 +113,10 @@ class Outbox:
 
         On PostgreSQL, also ``pg_notify`` the table's channel: delivered at commit, it wakes the relays.
         """
+        if _is_async(target):  # its execute() is a coroutine: calling it here would write nothing
+            kind = type(target).__name__
+            msg = f"Outbox.write() takes a sync Session or Connection; await write_async() for {kind}"
+            raise TypeError(msg)
         if messages:
             dialect = _dialect_name(target, self.table)
             target.execute(*self._insert(dialect, messages))
@@ -516,6 +520,8 @@ def _watch_session_connection(session: Session, conn: Connection) -> None:
     if conn not in _session_connections:
         event.listen(conn, "commit", _session_connection_commits)
         event.listen(conn, "release_savepoint", _session_savepoint_released)
+        # Session(twophase=True) prepares, then commits with commit_twophase: PREPARE is its last moment.
+        event.listen(conn, "prepare_twophase", _session_connection_commits)
     _session_connections[conn] = weakref.ref(session)
 
 
@@ -535,7 +541,7 @@ def _session_began_on(session: Session, _transaction: SessionTransaction, conn: 
         _watch_session_connection(session, conn)
 
 
-def _session_connection_commits(conn: Connection) -> None:
+def _session_connection_commits(conn: Connection, *_: object) -> None:
     ref = _session_connections.get(conn)
     session = ref() if ref is not None else None
     if session is not None:
