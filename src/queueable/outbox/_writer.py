@@ -381,15 +381,13 @@ class _Follower:
 
         ``before_commit`` fires for a release too, with the SAVEPOINT current; the transaction's commit may
         come while a SAVEPOINT is still open (its commit releases them), and then the transaction is the one
-        changing state. Its rows go into the innermost SAVEPOINT, released by the same commit.
+        changing state (its rows go into the innermost SAVEPOINT, released by the same commit). A commit that
+        raised is no longer changing state.
         """
-        session = cast("Session", self.subject)
-        root = session.get_transaction()
-        if root is None:
-            return False
+        root = cast("Session", self.subject).get_transaction()
         # SQLAlchemy's own marker of a transaction whose state is changing (private: read directly, so that a
         # version without it fails loudly instead of skipping the write; see _CHANGE_IN_PROGRESS).
-        return not session.in_nested_transaction() or root._next_state is _CHANGE_IN_PROGRESS  # noqa: SLF001
+        return root is not None and root._next_state is _CHANGE_IN_PROGRESS  # noqa: SLF001
 
     def session_commits(self) -> None:
         if self._committing():
@@ -408,10 +406,7 @@ class _Follower:
     @property
     def committing_now(self) -> bool:
         """Whether the commit whose before_commit ran is still under way (one that raised is not)."""
-        if not self._in_commit:
-            return False
-        root = cast("Session", self.subject).get_transaction()
-        return root is not None and root._next_state is _CHANGE_IN_PROGRESS  # noqa: SLF001 - see _committing
+        return self._in_commit and self._committing()
 
     def session_flushed(self, *_: object) -> None:
         # The commit flushes after every before_commit listener has run, including ones that add objects
