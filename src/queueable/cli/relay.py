@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 from typing import TYPE_CHECKING
 
 import click
 
+from queueable._settings import mask_url
 from queueable.cli._common import (
     EXIT_BROKER,
     CliError,
@@ -186,8 +186,8 @@ def _mask_db(db: str) -> str:
 
     try:
         return make_url(db).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"://.*@", "://***@", db, flags=re.DOTALL)
+    except Exception:  # unreadable by SQLAlchemy: the generic masking
+        return mask_url(db)
 
 
 def _engine(db: str) -> Engine:

@@ -278,7 +278,8 @@ class _Follower:
     - When the transaction rolls back, or ends without a commit (``Session.close()``), the buffer is dropped.
     - A commit of the transaction first writes what is buffered into it: the rows of a commit inside the scope
       would otherwise land in the next transaction, which nobody may commit. A Session writes again after each
-      flush of the commit, for the events that flush hooks dispatch.
+      flush of the commit, for the events that flush hooks dispatch, and at the last moment on its connection
+      (COMMIT, the RELEASE of a joined session's SAVEPOINT, PREPARE), for what later listeners dispatch.
 
     SQLAlchemy's events drive it (see :func:`_follow`). They run in the thread that drives the transaction,
     while no dispatch is running in the scope (a ``SyncDispatcher`` caller is blocked in ``dispatch()`` until
@@ -421,11 +422,7 @@ class _Follower:
         bind = cast("Session", self.subject).get_bind(clause=self.outbox.table)
         if conn is not bind and conn.engine is not bind:
             return  # another database of the session
-        try:
-            self.write(conn)
-        except BaseException:
-            conn._rollback_impl()  # noqa: SLF001 - as in commits(): leave nothing pending in the database
-            raise
+        self._write_or_roll_back(conn)
 
     def session_committed(self) -> None:
         if not cast("Session", self.subject).in_nested_transaction():
@@ -457,13 +454,18 @@ class _Follower:
 
     def commits(self) -> None:
         self._savepoints.clear()
+        self._write_or_roll_back(cast("Connection", self.subject))
+
+    def _write_or_roll_back(self, conn: Connection) -> None:
+        """:meth:`write` through ``conn`` from inside its commit; if it fails, roll ``conn`` back and raise.
+
+        SQLAlchemy deactivates a transaction whose commit raised without rolling it back in the database (for a
+        failed COMMIT there is nothing left to roll back); here the work is still pending there, and the next
+        commit would carry it. Roll it back now, as the caller will believe it was.
+        """
         try:
-            self.write()
+            self.write(conn)
         except BaseException:
-            # SQLAlchemy deactivates a transaction whose commit raised without rolling it back in the database
-            # (for a failed COMMIT there is nothing left to roll back); here the work is still pending there,
-            # and the next commit would carry it. Roll it back now, as the caller will believe it was.
-            conn = cast("Connection", self.subject)
             conn._rollback_impl()  # noqa: SLF001 - no public way to roll back beneath a deactivated transaction
             raise
 
@@ -523,8 +525,7 @@ def _watch_session_connection(session: Session, conn: Connection) -> None:
 def _session_savepoint_released(conn: Connection, name: str, _context: object) -> None:
     """A session joined to an external transaction through a SAVEPOINT (``join_transaction_mode``
     ``create_savepoint``) commits by releasing it: that release is its last moment."""
-    ref = _session_connections.get(conn)
-    session = ref() if ref is not None else None
+    session = _session_of(conn)
     root = session.get_transaction() if session is not None else None
     entry = root._connections.get(conn) if root is not None else None  # noqa: SLF001 - as in _follow
     if entry is not None and getattr(entry[1], "_savepoint", None) == name:  # the session's own SAVEPOINT
@@ -536,9 +537,14 @@ def _session_began_on(session: Session, _transaction: SessionTransaction, conn: 
         _watch_session_connection(session, conn)
 
 
-def _session_connection_commits(conn: Connection, *_: object) -> None:
+def _session_of(conn: Connection) -> Session | None:
+    """The followed session that committed through ``conn`` last, if it is still alive."""
     ref = _session_connections.get(conn)
-    session = ref() if ref is not None else None
+    return ref() if ref is not None else None
+
+
+def _session_connection_commits(conn: Connection, *_: object) -> None:
+    session = _session_of(conn)
     if session is not None:
         for follower in _followers_of(session) or ():
             follower.connection_commits(conn)
